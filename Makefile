@@ -1,0 +1,34 @@
+# The two commands: `make run` and `make test`. Both create .venv and install into it first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+RUN_DIR ?= runs/default
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-all bench clean
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing ssr_jax and its dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@$(PY) -m pip install -e '.[test,hf]' > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job end to end on the embedded default corpus.
+run: install
+	$(VENV)/bin/ssr-jax default-run --out_dir=$(RUN_DIR)
+
+# Fast suite (CI); slow tests are opt-in with `make test-all`.
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

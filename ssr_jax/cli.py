@@ -1,0 +1,50 @@
+"""`ssr-jax` console entry point: one subcommand per job, each owned by its module."""
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help). Modules load lazily so that
+# `ssr-jax --help` and light commands do not import jax/tensorflow.
+COMMANDS = {
+    "build-vocab": ("ssr_jax.vocab", "main", "train a SentencePiece vocabulary (T5 settings)"),
+    "export-hf": ("ssr_jax.hf.cli", "export_main", "write a checkpoint as a Hugging Face T5"),
+    "import-hf": ("ssr_jax.hf.cli", "import_main", "read a Hugging Face T5 into our params"),
+    "train": ("ssr_jax.train.main", "train_main", "train (gin: --gin_file, --gin.X=Y)"),
+    "eval": ("ssr_jax.train.main", "eval_main", "evaluate a checkpoint on a task"),
+    "infer": ("ssr_jax.train.main", "infer_main", "decode a task's inputs to JSONL"),
+    "generate-spans": ("ssr_jax.ssr.offline", "main", "write SSR-rewritten examples offline"),
+    "plan": ("ssr_jax.plan", "main", "memory and FLOPs per device before launch"),
+    "default-run": ("ssr_jax.default_run", "main", "the embedded end-to-end default run"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ssr-jax COMMAND [flags]", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ssr-jax: unknown command {name!r}.\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"ssr-jax {name}: not available ({e}).", file=sys.stderr)
+        return 2
+    from ssr_jax.errors import UserError
+    try:
+        return int(fn(rest) or 0)
+    except UserError as e:
+        print(f"ssr-jax {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
