@@ -1,0 +1,96 @@
+"""SentencePiece vocabularies with T5's layout, and the `ssr-jax build-vocab` command.
+
+T5's layout: pad=0, eos=1, unk=2, no bos; 100 extra ids appended after the SentencePiece
+pieces, so `<extra_id_0>` is the highest id. A user with T5's own `cc_all.32000` model simply
+points `get_vocabulary` (or the gin VOCABULARY) at it.
+"""
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from ssr_jax.errors import UserError
+
+DEFAULT_EXTRA_IDS = 100
+
+
+def train_sentencepiece(text_files: Sequence[str], model_prefix: str, vocab_size: int,
+                        *, character_coverage: float = 0.9999,
+                        input_sentence_size: int = 2_000_000,
+                        num_threads: int = 2, seed_sentencepiece_size: int = 1_000_000) -> str:
+    """Trains a unigram SentencePiece model with T5's settings; returns the .model path."""
+    import sentencepiece as spm
+
+    for path in text_files:
+        if not os.path.isfile(path):
+            raise UserError(f"input file {path!r} does not exist.")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"input file {path!r} is empty; give it text.")
+    if vocab_size < 16:
+        raise UserError(f"--vocab_size={vocab_size} is too small (need >= 16).")
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(text_files),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=character_coverage,
+            byte_fallback=False,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # SentencePiece reports e.g. "Vocabulary size is too high" for small corpora.
+        raise UserError(f"SentencePiece training on {list(text_files)} failed: "
+                        f"{str(e).strip().splitlines()[-1]}") from e
+    return model_prefix + ".model"
+
+
+def get_vocabulary(spm_path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
+    """A seqio.SentencePieceVocabulary with T5's extra ids."""
+    import seqio
+
+    if not os.path.isfile(spm_path):
+        raise UserError(f"vocabulary file {spm_path!r} does not exist; build one with "
+                        "`ssr-jax build-vocab` or point VOCABULARY at T5's cc_all.32000 model.")
+    return seqio.SentencePieceVocabulary(spm_path, extra_ids=extra_ids)
+
+
+def padded_vocab_size(vocab, multiple: int = 128) -> int:
+    """The model's embedding size: vocab size (with extra ids) rounded up, as T5 does."""
+    return -(-vocab.vocab_size // multiple) * multiple
+
+
+def sentinel_id(vocab, k: int) -> int:
+    """Id of `<extra_id_k>`: sentinels count down from the top of the vocabulary."""
+    return vocab.vocab_size - 1 - k
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ssr-jax build-vocab",
+        description="Train a SentencePiece vocabulary with T5's settings (unigram, pad=0, "
+                    "eos=1, unk=2, no byte fallback).")
+    parser.add_argument("--input", nargs="+", required=True, help="text files, one "
+                        "sentence/paragraph per line")
+    parser.add_argument("--model_prefix", required=True, help="output prefix: writes "
+                        "PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--extra_ids", type=int, default=DEFAULT_EXTRA_IDS)
+    args = parser.parse_args(argv)
+    path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size)
+    vocab = get_vocabulary(path, args.extra_ids)
+    print(f"wrote {path}: {vocab.vocab_size} ids with {args.extra_ids} extra ids; "
+          f"model vocab_size (padded to 128) = {padded_vocab_size(vocab)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
