@@ -1,4 +1,6 @@
 """Vocabulary: T5's special ids, sentinel layout, and build-vocab's errors."""
+import random
+
 import pytest
 
 from ssr_jax import cli, vocab as vocab_lib
@@ -9,8 +11,10 @@ from ssr_jax.errors import UserError
 def spm_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("vocab")
     text = d / "corpus.txt"
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "river", "stone", "cloud", "fox"]
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnoprstu") for _ in range(rng.randint(2, 7)))
+             for _ in range(300)] + ["river", "stone"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
     text.write_text("\n".join(lines))
     return vocab_lib.train_sentencepiece([str(text)], str(d / "spm"), vocab_size=64)
 
