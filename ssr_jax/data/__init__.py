@@ -1,0 +1,1 @@
+"""Data layer: span corruption, SSR mask/rewrite (token ids), packing, input pipeline."""

@@ -1,0 +1,202 @@
+"""Task factories: register a SeqIO task for an objective over TFDS data or the user's files.
+
+Objectives:
+  'span_corruption'  text -> T5 span corruption {'inputs', 'targets'};
+  'ssr_masked'       text -> SSR mask {'inputs' (teacher input), 'targets' (student
+                     target), 'num_spans', 'masked_length'} for the online SSR stage;
+  'seq2seq'          {'inputs', 'targets'} text pairs (fine-tuning), with an optional input
+                     prefix such as 'summarize: '; inputs longer than the inputs length are
+                     truncated keeping their EOS (T5's convention).
+
+Example (a user's text file, one document per line):
+    from ssr_jax.data import factories
+    factories.register_text_task("my_ssr", {"train": "/data/train.txt",
+                                            "validation": "/data/valid.txt"},
+                                 objective="ssr_masked")
+Put such calls in a module and pass it with --gin.MIXTURE_OR_TASK_MODULE="'my_tasks'".
+"""
+import functools
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import seqio
+import tensorflow as tf
+
+from ssr_jax.data import span_corruption as sc
+from ssr_jax.data import ssr_preprocessors as ssr
+from ssr_jax.data import user_files
+from ssr_jax.errors import UserError
+
+OBJECTIVES = ("span_corruption", "ssr_masked", "seq2seq")
+DEFAULT_SHUFFLE_BUFFER = 1000  # seqio's default, as T5
+Patterns = Union[str, Sequence[str]]
+
+
+def _default_vocabulary():
+    import tasks  # the shipped vocabulary lives next to the task registrations
+    return tasks.default_vocabulary()
+
+
+def output_features(vocabulary: seqio.Vocabulary, objective: str) -> Mapping[str, seqio.Feature]:
+    feats = {"inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+             "targets": seqio.Feature(vocabulary, add_eos=True)}
+    if objective == "ssr_masked":
+        feats["num_spans"] = ssr.scalar_feature()
+        feats["masked_length"] = ssr.scalar_feature()
+    return feats
+
+
+def drop_empty_pairs(dataset):
+    """Drops seq2seq examples whose inputs or targets are empty or blank."""
+    def nonblank(ex):
+        return tf.logical_and(tf.strings.length(tf.strings.strip(ex["inputs"])) > 0,
+                              tf.strings.length(tf.strings.strip(ex["targets"])) > 0)
+    return dataset.filter(nonblank)
+
+
+@seqio.map_over_dataset
+def _add_prefix(ex, prefix: str):
+    out = dict(ex)
+    out["inputs"] = prefix + ex["inputs"]
+    return out
+
+
+def objective_preprocessors(objective: str, text_key: str = "text",
+                            ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                            noise_density: float = sc.NOISE_DENSITY,
+                            mean_noise_span_length: float = sc.MEAN_NOISE_SPAN_LENGTH,
+                            prefix: str = "") -> list:
+    """The SeqIO preprocessor list for an objective, from raw text features."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r} is not one of {OBJECTIVES}.")
+    if objective == "seq2seq":
+        steps = [drop_empty_pairs]
+        steps += [functools.partial(_add_prefix, prefix=prefix)] if prefix else []
+        return steps + [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                        seqio.preprocessors.append_eos_after_trim]
+    steps = [functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+             seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder()]
+    if objective == "span_corruption":
+        steps.append(functools.partial(sc.span_corruption, noise_density=noise_density,
+                                       mean_noise_span_length=mean_noise_span_length))
+    else:
+        steps.append(functools.partial(ssr.ssr_mask, config=ssr_config or ssr.SsrMaskConfig()))
+    return steps + [seqio.preprocessors.append_eos_after_trim]
+
+
+def register_task(name: str, source: seqio.DataSource, objective: str,
+                  vocabulary: Optional[seqio.Vocabulary] = None, *, text_key: str = "text",
+                  ssr_config: Optional[ssr.SsrMaskConfig] = None, prefix: str = "",
+                  metric_fns: Sequence[Callable] = (),
+                  shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
+                  overwrite: bool = False) -> seqio.Task:
+    """Registers `name` (replacing an existing one only when overwrite) and returns it."""
+    vocabulary = vocabulary or _default_vocabulary()
+    if name in seqio.TaskRegistry.names():
+        if not overwrite:
+            raise UserError(f"task {name!r} is already registered; pick another name or "
+                            "pass overwrite=True.")
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name, source=source, output_features=output_features(vocabulary, objective),
+        preprocessors=objective_preprocessors(objective, text_key, ssr_config, prefix=prefix),
+        metric_fns=list(metric_fns), shuffle_buffer_size=shuffle_buffer_size)
+
+
+def register_text_task(name: str, split_files: Mapping[str, Patterns],
+                       objective: str = "span_corruption", *, paragraphs: bool = False,
+                       vocabulary: Optional[seqio.Vocabulary] = None,
+                       ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                       cache_dir: Optional[str] = None, strict: bool = False,
+                       overwrite: bool = False) -> seqio.Task:
+    """A pre-training task over plain text files: one document per line, or (paragraphs)
+    documents separated by blank lines. split_files: {split: glob pattern(s)}."""
+    if objective == "seq2seq":
+        raise UserError("plain text has no inputs/targets pair; use register_jsonl_task.")
+    source = user_files.UserFileSource(split_files, "paragraphs" if paragraphs else "text",
+                                       {"text": "text"}, cache_dir, strict)
+    return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
+                         overwrite=overwrite)
+
+
+def _fields(text_field, inputs_field, targets_field, what):
+    if text_field and (inputs_field or targets_field):
+        raise UserError(f"{what}: give text_field, or inputs_field and targets_field, not both.")
+    if text_field:
+        return {"text": text_field}, None
+    if inputs_field and targets_field:
+        return {"inputs": inputs_field, "targets": targets_field}, "seq2seq"
+    raise UserError(f"{what}: give text_field, or both inputs_field and targets_field.")
+
+
+def register_jsonl_task(name: str, split_files: Mapping[str, Patterns], *,
+                        text_field: Optional[str] = None, inputs_field: Optional[str] = None,
+                        targets_field: Optional[str] = None,
+                        objective: Optional[str] = None, prefix: str = "",
+                        metric_fns: Sequence[Callable] = (),
+                        vocabulary: Optional[seqio.Vocabulary] = None,
+                        ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                        cache_dir: Optional[str] = None, strict: bool = False,
+                        overwrite: bool = False) -> seqio.Task:
+    """A task over JSON-lines files: text_field for pre-training objectives, or
+    inputs_field + targets_field for seq2seq (fine-tuning; e.g. metric_fns=[metrics.rouge])."""
+    fields, implied = _fields(text_field, inputs_field, targets_field, f"task {name!r}")
+    objective = objective or implied or "span_corruption"
+    if (objective == "seq2seq") != (implied == "seq2seq"):
+        raise UserError(f"task {name!r}: objective {objective!r} does not match the fields "
+                        f"given ({sorted(fields.values())}).")
+    source = user_files.UserFileSource(split_files, "jsonl", fields, cache_dir, strict)
+    return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
+                         prefix=prefix, metric_fns=metric_fns, overwrite=overwrite)
+
+
+def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns], *,
+                           text_field: Optional[str] = None,
+                           inputs_field: Optional[str] = None,
+                           targets_field: Optional[str] = None,
+                           objective: Optional[str] = None, prefix: str = "",
+                           metric_fns: Sequence[Callable] = (),
+                           vocabulary: Optional[seqio.Vocabulary] = None,
+                           ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                           strict: bool = False, overwrite: bool = False) -> seqio.Task:
+    """A task over TFRecord files of tf.train.Example with bytes features (field names)."""
+    fields, implied = _fields(text_field, inputs_field, targets_field, f"task {name!r}")
+    objective = objective or implied or "span_corruption"
+    source = user_files.UserFileSource(split_files, "tfrecord", fields, strict=strict)
+    return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
+                         prefix=prefix, metric_fns=metric_fns, overwrite=overwrite)
+
+
+def register_tfds_text_task(name: str, tfds_name: str, objective: str,
+                            vocabulary: seqio.Vocabulary, *, text_key: str = "text",
+                            splits: Optional[Mapping[str, str]] = None,
+                            tfds_data_dir: Optional[str] = None,
+                            ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                            overwrite: bool = False) -> seqio.Task:
+    """A pre-training task over a TFDS text dataset (e.g. 'c4/en:3.1.0')."""
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                  splits=splits)
+    return register_task(name, source, objective, vocabulary, text_key=text_key,
+                         ssr_config=ssr_config, overwrite=overwrite)
+
+
+def register_tfds_seq2seq_task(name: str, tfds_name: str, inputs_key: str, targets_key: str,
+                               vocabulary: seqio.Vocabulary, *, prefix: str = "",
+                               metric_fns: Sequence[Callable] = (),
+                               splits: Optional[Mapping[str, str]] = None,
+                               tfds_data_dir: Optional[str] = None,
+                               source: Optional[seqio.DataSource] = None,
+                               overwrite: bool = False) -> seqio.Task:
+    """A fine-tuning task over a TFDS dataset's (inputs_key, targets_key) text features."""
+    source = source or seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                            splits=splits)
+    if name in seqio.TaskRegistry.names():
+        if not overwrite:
+            raise UserError(f"task {name!r} is already registered.")
+        seqio.TaskRegistry.remove(name)
+    steps = [functools.partial(seqio.preprocessors.rekey,
+                               key_map={"inputs": inputs_key, "targets": targets_key})]
+    steps += objective_preprocessors("seq2seq", prefix=prefix)
+    return seqio.TaskRegistry.add(
+        name, source=source, output_features=output_features(vocabulary, "seq2seq"),
+        preprocessors=steps, metric_fns=list(metric_fns),
+        shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER)

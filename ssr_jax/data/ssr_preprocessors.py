@@ -1,0 +1,437 @@
+"""Sequence Span Rewriting (SSR) as reusable SeqIO preprocessors, in token-id space.
+
+SSR has two steps around a teacher (a pretrained T5):
+
+1. mask (`ssr_mask`, a SeqIO preprocessor): choose spans of a raw segment and emit
+     'inputs'  = the teacher's input: the context with `<extra_id_k>` in place of span k, EOS;
+     'targets' = the student's target: orig_0 <extra_id_1> orig_1 ... orig_n-1 <extra_id_n>, EOS
+                 (the layout of the paper's released code);
+     'num_spans' (n, so the teacher can stop after `<extra_id_n>`) and 'masked_length' (M).
+   Spans follow the paper by default: about `span_rate` = 7.5% of the tokens start a span
+   (round(rate * N) + {-1, 0, +1}, at least 1), lengths max(1, Poisson(3)), starts uniform,
+   spans never overlap nor touch; a rejected span is resampled up to `max_tries` times, after
+   which no more spans are added. `scheme='t5'` uses T5's noise mask (15%, mean span 3).
+
+2. rewrite (`rewrite_batch`, pure numpy, shared by the online and offline paths): given the
+   teacher's output `<extra_id_0> fill_0 <extra_id_1> fill_1 ... <extra_id_n>`, the student's
+   input is the context with span k written `<extra_id_k> fill_k <extra_id_k+1>`, then EOS.
+   Fill k is valid when `<extra_id_k>` is followed by `<extra_id_k+1>` as the next sentinel
+   (before EOS/padding); its first valid occurrence is used. A missing or malformed fill
+   (skipped or out-of-order sentinel, output cut by the length limit) falls back to the
+   empty fill `<extra_id_k> <extra_id_k+1>` for that span only, and is counted.
+
+Lengths. With a teacher input of length I (with EOS) and a well-formed teacher output of
+length T, the student input has length I + T - 1. So the student input fits an inputs length
+L exactly when T <= L + 1 - I. The teacher's max decode length for an example is therefore
+    min(n + 1 + ceil(fill_ratio * M),  L + 1 - I)      (`teacher_decode_lengths`)
+i.e. a budget of fill_ratio (default 2, the paper's "about twice the masked tokens") fill
+tokens per masked token plus the n + 1 sentinels, capped by the room left in the student's
+input. The mask never accepts a span that would leave no room for the empty fills
+(I + n <= L) or that would make the student target longer than the targets length, and the
+raw segment length is chosen (`ssr_lengths`) so that an average example gets its whole fill
+budget: N + (fill_ratio - 1) * E[M] + 2 E[n] + 1 <= L. Documents are concatenated and cut
+into segments of N tokens before masking, as in T5's span corruption.
+"""
+import dataclasses
+import math
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from ssr_jax.data import span_corruption as sc
+from ssr_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SsrMaskConfig:
+    """How SSR chooses spans. scheme: 'paper' (default) or 't5'."""
+
+    scheme: str = "paper"
+    span_rate: float = 0.075  # paper: spans per token
+    mean_span_length: float = 3.0  # paper: Poisson mean; t5: mean noise span length
+    max_tries: int = 5  # paper: resampling tries for one span before stopping
+    noise_density: float = 0.15  # t5 scheme only
+    fill_ratio: float = 2.0  # teacher budget: fill tokens per masked token
+
+    def __post_init__(self):
+        if self.scheme not in ("paper", "t5"):
+            raise UserError(f"SsrMaskConfig.scheme={self.scheme!r}: use 'paper' or 't5'.")
+        if self.max_tries < 1 or self.span_rate <= 0 or self.mean_span_length <= 0:
+            raise UserError(f"bad SsrMaskConfig {self}: rates, lengths and tries must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SsrLengths:
+    raw_length: int  # tokens per segment before masking (N)
+    inputs_length: int  # student input limit (L)
+    targets_length: int  # student target limit
+    max_spans: int  # sentinel budget: n <= extra_ids - 1 (<extra_id_n> closes the target)
+
+
+def _expected_rates(config: SsrMaskConfig) -> Tuple[float, float]:
+    """(E[masked tokens] / N, E[spans] / N) for the paper scheme."""
+    lam = config.mean_span_length
+    mean_len = lam + math.exp(-lam)  # E[max(1, Poisson(lam))]
+    return config.span_rate * mean_len, config.span_rate
+
+
+def ssr_lengths(inputs_length: int, targets_length: int, config: SsrMaskConfig = SsrMaskConfig(),
+                num_extra_ids: int = 100) -> SsrLengths:
+    """The raw segment length N for these feature lengths (see the module docstring)."""
+    max_spans = num_extra_ids - 1
+    if config.scheme == "t5":
+        def fits(n_raw):
+            masked, spans = sc.noise_counts(n_raw, config.noise_density, config.mean_span_length)
+            student = n_raw - masked + math.ceil(config.fill_ratio * masked) + 2 * spans + 1
+            return (student <= inputs_length and masked + spans + 1 <= targets_length
+                    and spans <= max_spans)
+    else:
+        mask_rate, span_rate = _expected_rates(config)
+
+        def fits(n_raw):
+            student = n_raw * (1 + (config.fill_ratio - 1) * mask_rate + 2 * span_rate) + 1
+            target = n_raw * (mask_rate + span_rate) + 1
+            return (student <= inputs_length and target <= targets_length
+                    and round(span_rate * n_raw) + 1 <= max_spans)
+    raw = 1
+    while raw + 1 <= inputs_length - 1 and fits(raw + 1):
+        raw += 1
+    if raw < 2:
+        raise UserError(f"TASK_FEATURE_LENGTHS inputs={inputs_length}, targets={targets_length} "
+                        "are too short for SSR; use at least 16 and 8.")
+    return SsrLengths(raw, inputs_length, targets_length, max_spans)
+
+
+def teacher_decode_lengths(teacher_input_lengths, num_spans, masked_lengths,
+                           inputs_length: int, fill_ratio: float = 2.0) -> np.ndarray:
+    """Per-example teacher max decode length (int32), see the module docstring.
+
+    teacher_input_lengths: tokens of the teacher input including EOS (non-pad count).
+    """
+    n = np.asarray(num_spans, np.int64)
+    want = n + 1 + np.ceil(fill_ratio * np.asarray(masked_lengths, np.float64)).astype(np.int64)
+    room = inputs_length + 1 - np.asarray(teacher_input_lengths, np.int64)
+    return np.maximum(np.minimum(want, room), n + 1).astype(np.int32)
+
+
+# ---- mask (TensorFlow, stateless) ----------------------------------------------------
+
+def paper_span_ids(length: tf.Tensor, seed: tf.Tensor, config: SsrMaskConfig,
+                   lengths: SsrLengths) -> tf.Tensor:
+    """int32 [length]: 0 on context, k + 1 on span k (spans numbered left to right)."""
+    n_tok = tf.convert_to_tensor(length, tf.int32)
+    s_count, s_len, s_start = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    base = tf.cast(tf.round(config.span_rate * tf.cast(n_tok, tf.float32)), tf.int32)
+    jitter = tf.random.stateless_uniform([], s_count, -1, 2, tf.int32)
+    n_want = tf.clip_by_value(base + jitter, 1, lengths.max_spans)
+    attempts = n_want * config.max_tries
+    span_len = tf.maximum(1, tf.random.stateless_poisson([attempts], s_len,
+                                                         config.mean_span_length, tf.int32))
+    span_len = tf.minimum(span_len, tf.maximum(n_tok - 1, 1))
+    u = tf.random.stateless_uniform([attempts], s_start)
+    starts_all = tf.cast(tf.floor(u * tf.cast(n_tok - span_len + 1, tf.float32)), tf.int32)
+    starts_all = tf.minimum(starts_all, n_tok - span_len)
+    max_spans = lengths.max_spans
+    empty = tf.fill([max_spans], -10)
+
+    def cond(t, n, tries, masked, starts, ends):
+        return tf.logical_and(tf.logical_and(t < attempts, n < n_want),
+                              tries < config.max_tries)
+
+    def body(t, n, tries, masked, starts, ends):
+        s, ln = starts_all[t], span_len[t]
+        e = s + ln  # exclusive; touching means s == ends[j] or e == starts[j]
+        clash = tf.reduce_any(tf.logical_and(s <= ends, starts <= e))
+        new_masked = masked + ln
+        target_len = new_masked + (n + 1) + 1
+        student_empty = (n_tok - new_masked) + 2 * (n + 1) + 1
+        ok = tf.logical_and(tf.logical_and(tf.logical_not(clash), n_tok >= 2),
+                            tf.logical_and(target_len <= lengths.targets_length,
+                                           student_empty <= lengths.inputs_length))
+        idx = tf.reshape(tf.minimum(n, max_spans - 1), [1, 1])
+        starts = tf.where(ok, tf.tensor_scatter_nd_update(starts, idx, [s]), starts)
+        ends = tf.where(ok, tf.tensor_scatter_nd_update(ends, idx, [e]), ends)
+        ok_i = tf.cast(ok, tf.int32)
+        return (t + 1, n + ok_i, (tries + 1) * (1 - ok_i), masked + ok_i * ln, starts, ends)
+
+    _, n, _, _, starts, ends = tf.while_loop(
+        cond, body, (0, 0, 0, 0, empty, empty),
+        shape_invariants=(tf.TensorShape([]),) * 4 + (tf.TensorShape([max_spans]),) * 2)
+    starts, ends = starts[:n], ends[:n]
+    order = tf.argsort(starts)
+    starts, ends = tf.gather(starts, order), tf.gather(ends, order)
+    label = tf.range(1, n + 1)
+    delta = tf.math.unsorted_segment_sum(tf.concat([label, -label], 0),
+                                         tf.concat([starts, ends], 0), n_tok + 1)
+    return tf.cumsum(delta)[:n_tok]
+
+
+def t5_span_ids(length: tf.Tensor, seeds: Sequence[tf.Tensor],
+                config: SsrMaskConfig) -> tf.Tensor:
+    """T5's noise mask as span ids (0 context, k + 1 on span k)."""
+    mask = sc.random_spans_noise_mask(length, seeds, config.noise_density,
+                                      config.mean_span_length)
+    first = tf.logical_and(mask, tf.logical_not(tf.pad(mask[:-1], [[1, 0]])))
+    return tf.cumsum(tf.cast(first, tf.int32)) * tf.cast(mask, tf.int32)
+
+
+def apply_span_ids(tokens: tf.Tensor, span_ids: tf.Tensor, vocab_size: int
+                   ) -> Mapping[str, tf.Tensor]:
+    """Teacher input and student target (both without EOS), num_spans, masked_length."""
+    is_span = span_ids > 0
+    prev = tf.pad(span_ids[:-1], [[1, 0]])
+    nxt = tf.pad(span_ids[1:], [[0, 1]])
+    first = tf.logical_and(is_span, tf.not_equal(prev, span_ids))
+    last = tf.logical_and(is_span, tf.not_equal(nxt, span_ids))
+    tokens = tf.cast(tokens, tf.int32)
+    k = span_ids - 1
+    teacher = tf.boolean_mask(tf.where(first, vocab_size - 1 - k, tokens),
+                              tf.logical_or(tf.logical_not(is_span), first))
+    pairs = tf.reshape(tf.stack([tokens, vocab_size - 1 - (k + 1)], axis=1), [-1])
+    keep = tf.reshape(tf.stack([is_span, last], axis=1), [-1])
+    return {"inputs": teacher, "targets": tf.boolean_mask(pairs, keep),
+            "num_spans": tf.maximum(tf.reduce_max(tf.pad(span_ids, [[0, 1]])), 0),
+            "masked_length": tf.reduce_sum(tf.cast(is_span, tf.int32))}
+
+
+def mask_segment(tokens: tf.Tensor, seeds: Sequence[tf.Tensor], vocab_size: int,
+                 config: SsrMaskConfig, lengths: SsrLengths) -> Mapping[str, tf.Tensor]:
+    """SSR mask of one segment of raw token ids; seeds: two stateless seeds."""
+    n = tf.size(tokens)
+    if config.scheme == "t5":
+        span_ids = t5_span_ids(n, seeds, config)
+    else:
+        span_ids = paper_span_ids(n, seeds[0], config, lengths)
+    return apply_span_ids(tokens, span_ids, vocab_size)
+
+
+@seqio.map_over_dataset(num_seeds=2)
+def _mask(features, seeds, vocab_size, config, lengths):
+    return mask_segment(features["targets"], seeds, vocab_size, config, lengths)
+
+
+def ssr_mask(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+             output_features: Mapping[str, seqio.Feature],
+             config: SsrMaskConfig = SsrMaskConfig(),
+             max_chunk_tokens: int = sc.MAX_CHUNK_TOKENS,
+             concat_documents: int = sc.CONCAT_DOCUMENTS) -> tf.data.Dataset:
+    """SeqIO preprocessor: tokenized {'targets'} documents -> SSR mask examples.
+
+    Outputs 'inputs' (teacher input), 'targets' (student target), both without EOS (follow
+    with `seqio.preprocessors.append_eos_after_trim`), and int32 scalars 'num_spans',
+    'masked_length'. Examples with no span (a segment of one token) are dropped.
+    """
+    vocabulary = output_features["targets"].vocabulary
+    extra = getattr(vocabulary, "extra_ids", 0) or 0
+    if extra < 2:
+        raise UserError("SSR needs a vocabulary with extra ids (sentinels); got "
+                        f"{extra}. Use get_vocabulary(path, extra_ids=100).")
+    lengths = ssr_lengths(sequence_length["inputs"], sequence_length["targets"], config, extra)
+    dataset = sc.select_random_chunk(dataset, "targets", max_chunk_tokens)
+    dataset = sc.concat_and_split(dataset, lengths.raw_length, "targets", concat_documents)
+    dataset = _mask(dataset, vocab_size=vocabulary.vocab_size, config=config, lengths=lengths)
+    return dataset.filter(lambda x: x["num_spans"] > 0)
+
+
+def scalar_feature() -> seqio.Feature:
+    """Output feature spec for the int32 scalars 'num_spans' and 'masked_length'."""
+    return seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, required=False,
+                         dtype=tf.int32, rank=0)
+
+
+# ---- rewrite (numpy) -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class RewriteStats:
+    """Counts over a batch. fill/original lengths are per span, in batch order."""
+
+    spans: int = 0  # spans in the teacher inputs
+    valid_fills: int = 0  # spans whose teacher fill was well-formed and used
+    fallbacks: int = 0  # spans rewritten with the empty fill (missing/malformed)
+    truncated: int = 0  # valid fills dropped because the student input would not fit
+    exact_copies: int = 0  # used fills identical to the original span (needs targets)
+    overlong_inputs: int = 0  # rows still too long with empty fills (cut, EOS kept)
+    fill_lengths: List[int] = dataclasses.field(default_factory=list)  # used fills
+    original_lengths: List[int] = dataclasses.field(default_factory=list)  # needs targets
+
+    def merge(self, other: "RewriteStats") -> "RewriteStats":
+        out = RewriteStats()
+        for f in dataclasses.fields(self):
+            setattr(out, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return out
+
+    def summary(self) -> Mapping[str, float]:
+        """Scalars for logging."""
+        spans = max(self.spans, 1)
+        return {"ssr/spans": self.spans, "ssr/valid_fill_rate": self.valid_fills / spans,
+                "ssr/fallback_rate": self.fallbacks / spans,
+                "ssr/truncated_rate": self.truncated / spans,
+                "ssr/exact_copy_rate": self.exact_copies / max(self.valid_fills, 1),
+                "ssr/mean_fill_length": float(np.mean(self.fill_lengths))
+                if self.fill_lengths else 0.0,
+                "ssr/mean_original_length": float(np.mean(self.original_lengths))
+                if self.original_lengths else 0.0,
+                "ssr/overlong_inputs": self.overlong_inputs}
+
+
+def _row(x: np.ndarray, stop_at_eos: bool, eos_id: int) -> list:
+    """Tokens of one row up to the first pad (0), and up to the first EOS if asked."""
+    row = x.tolist()
+    for stop in ((0, eos_id) if stop_at_eos else (0,)):
+        if stop in row:
+            row = row[:row.index(stop)]
+    return row
+
+
+def split_targets(target: Sequence[int], vocab_size: int, num_extra_ids: int) -> List[list]:
+    """Original spans from a student target `orig_0 <x_1> orig_1 ... <x_n>` (no pad/EOS)."""
+    lo = vocab_size - num_extra_ids
+    spans, cur = [], []
+    for tok in target:
+        if lo <= tok < vocab_size:
+            spans.append(cur)
+            cur = []
+        else:
+            cur.append(tok)
+    return spans
+
+
+def parse_teacher_output(output: Sequence[int], vocab_size: int, num_extra_ids: int
+                         ) -> dict:
+    """{k: fill_k} for every well-formed fill (`<x_k> fill <x_k+1>`), first occurrence."""
+    lo = vocab_size - num_extra_ids
+    pos = [i for i, tok in enumerate(output) if lo <= tok < vocab_size]
+    fills = {}
+    for a, b in zip(pos, pos[1:]):
+        k = vocab_size - 1 - output[a]
+        if vocab_size - 1 - output[b] == k + 1 and k not in fills:
+            fills[k] = list(output[a + 1:b])
+    return fills
+
+
+def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab_size: int,
+                  num_extra_ids: int = 100, eos_id: int = 1,
+                  targets: Optional[np.ndarray] = None, max_length: Optional[int] = None,
+                  pad_to: Optional[int] = None):
+    """Student inputs from teacher inputs and outputs; pure numpy, never raises on content.
+
+    Args:
+      teacher_inputs: int [B, L], the teacher's inputs (context + sentinels + EOS), 0-padded.
+      teacher_outputs: int [B, T], the teacher's outputs, 0-padded; read up to EOS or pad.
+      vocab_size: the vocabulary's size with extra ids (`vocab.vocab_size`, not padded).
+      targets: optional int [B, S] student targets, for exact-copy and original-length stats.
+      max_length: if set, a student input longer than this has its last valid fills
+        replaced by empty fills until it fits (counted as `truncated`).
+      pad_to: if set, return a 0-padded int32 [B, pad_to] array instead of a list.
+
+    Returns:
+      (student_inputs, RewriteStats); student inputs end with EOS.
+    """
+    teacher_inputs = np.asarray(teacher_inputs)
+    teacher_outputs = np.asarray(teacher_outputs)
+    if teacher_inputs.ndim != 2 or teacher_outputs.ndim != 2 or (
+            teacher_inputs.shape[0] != teacher_outputs.shape[0]):
+        raise ValueError(f"rewrite_batch wants [B, L] and [B, T] arrays, got "
+                         f"{teacher_inputs.shape} and {teacher_outputs.shape}")
+    lo = vocab_size - num_extra_ids
+    stats = RewriteStats()
+    rows = []
+    is_sentinel = (teacher_inputs >= lo) & (teacher_inputs < vocab_size)
+    for b in range(teacher_inputs.shape[0]):
+        tin = _row(teacher_inputs[b], stop_at_eos=False, eos_id=eos_id)
+        if tin and tin[-1] == eos_id:
+            tin = tin[:-1]
+        sent_pos = [p for p in np.flatnonzero(is_sentinel[b]).tolist() if p < len(tin)]
+        fills = parse_teacher_output(_row(teacher_outputs[b], True, eos_id), vocab_size,
+                                     num_extra_ids)
+        origs = None
+        if targets is not None:
+            origs = split_targets(_row(targets[b], True, eos_id), vocab_size, num_extra_ids)
+            stats.original_lengths.extend(len(o) for o in origs)
+        ks = [vocab_size - 1 - tin[p] for p in sent_pos]
+        used = [fills.get(k) for k in ks]
+        stats.spans += len(ks)
+        valid = sum(u is not None for u in used)
+        stats.valid_fills += valid
+        stats.fallbacks += len(ks) - valid
+        if max_length is not None:
+            # Empty-fill length: context + 2 sentinels per span + EOS.
+            size = len(tin) + len(ks) + 1 + sum(len(u) for u in used if u is not None)
+            for i in range(len(used) - 1, -1, -1):
+                if size <= max_length:
+                    break
+                if used[i] is not None:
+                    size -= len(used[i])
+                    used[i] = None
+                    stats.truncated += 1
+        out, prev = [], 0
+        for i, (p, k) in enumerate(zip(sent_pos, ks)):
+            out.extend(tin[prev:p])
+            out.append(tin[p])
+            if used[i] is not None:
+                out.extend(used[i])
+                stats.fill_lengths.append(len(used[i]))
+                if origs is not None and k < len(origs) and used[i] == origs[k]:
+                    stats.exact_copies += 1
+            out.append(vocab_size - 1 - (k + 1))
+            prev = p + 1
+        out.extend(tin[prev:])
+        out.append(eos_id)
+        if max_length is not None and len(out) > max_length:
+            stats.overlong_inputs += 1
+            out = out[:max_length - 1] + [eos_id]
+        rows.append(np.asarray(out, np.int32))
+    if pad_to is None:
+        return rows, stats
+    padded = np.zeros((len(rows), pad_to), np.int32)
+    for b, r in enumerate(rows):
+        if len(r) > pad_to:
+            raise ValueError(f"rewritten row {b} has {len(r)} tokens > pad_to={pad_to}; "
+                             "pass max_length")
+        padded[b, :len(r)] = r
+    return padded, stats
+
+
+def teacher_outputs_from_targets(targets: np.ndarray, vocab_size: int, eos_id: int = 1
+                                 ) -> np.ndarray:
+    """The perfect teacher: `<x_0> orig_0 <x_1> ... <x_n>` from student targets [B, S].
+
+    Rewriting with it makes the student input the original text with sentinels around each
+    span (lossless); useful as a baseline and in tests.
+    """
+    targets = np.asarray(targets)
+    out = np.zeros((targets.shape[0], targets.shape[1] + 1), np.int32)
+    out[:, 0] = vocab_size - 1
+    body = np.where(targets == eos_id, 0, targets)
+    out[:, 1:] = body
+    return out
+
+
+def rewrite_preprocessor(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                         sequence_length: Optional[Mapping[str, int]] = None,
+                         teacher_outputs_key: str = "teacher_outputs") -> tf.data.Dataset:
+    """SeqIO preprocessor for stored teacher outputs: {'inputs' (teacher input with EOS),
+    teacher_outputs_key, 'targets'} -> {'inputs' (student input with EOS), 'targets'}.
+
+    Runs `rewrite_batch` through tf.numpy_function (stateless, so tf.data checkpoints skip
+    it safely); the student input is limited to sequence_length['inputs'].
+    """
+    vocab = output_features["inputs"].vocabulary
+    vocab_size, extra, eos = vocab.vocab_size, vocab.extra_ids, vocab.eos_id
+    max_length = (sequence_length or {}).get("inputs")
+
+    def fn(tin, tout):
+        rows, _ = rewrite_batch(tin[None], tout[None], vocab_size, extra, eos,
+                                max_length=max_length)
+        return rows[0]
+
+    def rewrite(ex):
+        student = tf.numpy_function(fn, [tf.cast(ex["inputs"], tf.int32),
+                                         tf.cast(ex[teacher_outputs_key], tf.int32)],
+                                    tf.int32, stateful=False)
+        student.set_shape([None])
+        return {"inputs": student, "targets": ex["targets"]}
+
+    return dataset.map(rewrite, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,177 @@
+"""`ssr-jax export-hf` and `ssr-jax import-hf`.
+
+export-hf: params from a trainer checkpoint (--checkpoint: a step dir holding params/, a
+checkpoint root or a model dir; see ssr_jax.train.checkpoints for the layout) or from a
+.npz of flattened params (--params_npz, keys 'a/b/c'), the model config from the
+checkpoint's model_config.json or --model_config (a JSON of T5Config fields, or a gin file
+binding MODEL, e.g. gin/models/t5_1_1/base.gin), the tokenizer from --vocab.
+
+import-hf: reads an HF T5 directory and writes a params-only checkpoint (<out>/params/ +
+<out>/model_config.json) that the trainer accepts as an initial checkpoint.
+"""
+import argparse
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from ssr_jax.errors import UserError
+from ssr_jax.hf.convert import export_hf, import_hf
+from ssr_jax.models.config import T5Config
+
+
+def t5config_from_dict(d: dict, source: str) -> T5Config:
+    fields = {f.name for f in dataclasses.fields(T5Config)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise UserError(f"{source}: unknown T5Config field(s) {', '.join(unknown)}.")
+    try:
+        return T5Config(**d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: {e}") from e
+
+
+def t5config_from_gin(path: str, bindings: Sequence[str] = ()) -> T5Config:
+    """The T5Config of the model a gin file binds to MODEL (gin/models/*/*.gin)."""
+    import gin
+    from ssr_jax import gin_config
+    gin_config.setup(gin_config.Flags([path], list(bindings), [], {}))
+    try:
+        ref = gin.query_parameter("%MODEL")
+    except ValueError:
+        ref = None
+    if not hasattr(ref, "scoped_configurable_fn"):
+        raise UserError(f"{path}: binds no MODEL = @.../EncoderDecoderModel(); use a file "
+                        "from gin/models/.")
+    model = ref.scoped_configurable_fn()
+    config = getattr(model, "config", None)
+    if not isinstance(config, T5Config):
+        raise UserError(f"{path}: MODEL is not an EncoderDecoderModel.")
+    return config
+
+
+def load_model_config_file(path: str) -> T5Config:
+    """--model_config: a JSON of T5Config fields or a gin model file."""
+    if not os.path.isfile(path):
+        raise UserError(f"--model_config {path}: no such file.")
+    if path.endswith(".gin"):
+        return t5config_from_gin(path)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except ValueError as e:
+        raise UserError(f"--model_config {path}: not valid JSON ({e}); give a JSON of "
+                        "T5Config fields or a .gin model file.") from e
+    if not isinstance(d, dict):
+        raise UserError(f"--model_config {path}: expected a JSON object of T5Config fields.")
+    return t5config_from_dict(d, path)
+
+
+def load_params_from_checkpoint(path: str) -> Tuple[dict, Optional[T5Config]]:
+    """(params as numpy, T5Config from model_config.json or None) of a trainer checkpoint."""
+    import jax
+    from ssr_jax.train import checkpoints
+    params = checkpoints.load_params(path)
+    config_dict = checkpoints.load_model_config(path)
+    config = None
+    if config_dict:
+        config = t5config_from_dict(config_dict, os.path.join(path, "model_config.json"))
+    return jax.tree.map(np.asarray, params), config
+
+
+def save_params_npz(params, path: str):
+    """Flattened 'a/b/c' -> array .npz (the --params_npz format)."""
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, prefix + (k,))
+            else:
+                flat["/".join(prefix + (k,))] = np.asarray(v)
+    walk(params, ())
+    np.savez(path, **flat)
+
+
+def load_params_npz(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--params_npz {path}: no such file.")
+    params: dict = {}
+    # allow_pickle=False: an .npz holding object arrays is refused, never unpickled.
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            node = params
+            *parents, leaf = key.split("/")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = z[key]
+    return params
+
+
+def _check_param_shapes(params, config: T5Config, source: str):
+    """A clear error when params and config disagree (before any conversion)."""
+    import jax
+    from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+    expected = EncoderDecoderModel(config).param_shapes()
+    flat_e = {jax.tree_util.keystr(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    flat_p = {jax.tree_util.keystr(p): tuple(np.shape(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for k, shape in flat_e.items():
+        if k not in flat_p:
+            raise UserError(f"{source}: param {k} missing for the model config.")
+        if flat_p[k] != shape:
+            raise UserError(f"{source}: param {k} has shape {flat_p[k]}, the model config "
+                            f"implies {shape}.")
+    extra = sorted(set(flat_p) - set(flat_e))
+    if extra:
+        raise UserError(f"{source}: param {extra[0]} is not in the model config "
+                        f"({len(extra)} unexpected).")
+
+
+def export_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="ssr-jax export-hf",
+                                     description="Write params as a Hugging Face T5 directory.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="trainer checkpoint (step dir, root or model dir)")
+    src.add_argument("--params_npz", help="params saved as a flattened .npz")
+    parser.add_argument("--model_config", help="T5Config JSON or gin model file (default: "
+                        "the checkpoint's model_config.json)")
+    parser.add_argument("--vocab", help="SentencePiece model for the tokenizer files")
+    parser.add_argument("--extra_ids", type=int, default=100)
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    config = load_model_config_file(args.model_config) if args.model_config else None
+    if args.checkpoint:
+        params, stored_config = load_params_from_checkpoint(args.checkpoint)
+        source = args.checkpoint
+        config = config or stored_config
+    else:
+        params, source = load_params_npz(args.params_npz), args.params_npz
+    if config is None:
+        raise UserError(f"{source}: no model_config.json; pass --model_config (a T5Config JSON "
+                        "or a gin file such as gin/models/t5_1_1/base.gin).")
+    _check_param_shapes(params, config, source)
+    export_hf(params, config, args.out, args.vocab, args.extra_ids)
+    print(f"wrote Hugging Face T5 to {args.out}")
+    return 0
+
+
+def import_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="ssr-jax import-hf",
+                                     description="Read a Hugging Face T5 directory into an "
+                                                 "initial checkpoint for training.")
+    parser.add_argument("hf_dir", help="directory with config.json and model.safetensors "
+                        "(or pytorch_model.bin, loaded with torch.load(weights_only=True))")
+    parser.add_argument("--out", required=True, help="output checkpoint dir (params/ + "
+                        "model_config.json)")
+    args = parser.parse_args(argv)
+    params, config = import_hf(args.hf_dir)
+    from ssr_jax.train import checkpoints
+    checkpoints.save_params(args.out, params, dataclasses.asdict(config))
+    print(f"wrote params checkpoint to {args.out} ({config.num_encoder_layers}+"
+          f"{config.num_decoder_layers} layers, d_model {config.d_model}, "
+          f"{config.feed_forward_proj})")
+    return 0

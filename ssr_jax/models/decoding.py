@@ -1,0 +1,182 @@
+"""Autoregressive decoding in `lax.while_loop`: greedy, temperature/top-k/top-p sampling and
+beam search with T5X's brevity penalty.
+
+The decoders are model-agnostic: they drive a `step_fn(tokens [n], cache, step) ->
+(logits [n, vocab], cache)` that consumes the token at position `step` and returns the
+distribution of the token at that position's output, with a KV cache pytree carried
+through the loop. Everything is traceable and meant to run under one `jax.jit`.
+
+Stopping is per row: a row stops after emitting EOS, its own stop token
+(stop_tokens[b]), or max_decode_lengths[b] tokens; later positions hold pad (0).
+"""
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+StepFn = Callable[[jax.Array, Any, jax.Array], Tuple[jax.Array, Any]]
+
+# Finite "minus infinity" for beam bookkeeping: -inf would give NaN in inf - inf.
+NEG_INF = -1.0e9
+
+
+def row_keys(rng: jax.Array, batch_size: int) -> jax.Array:
+    """One PRNG key per row: fold_in(rng, b) for a single key, or the per-row keys as given.
+
+    Accepts raw uint32 keys ([2] single / [batch, 2] per row) or typed keys ([] / [batch]).
+    """
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    single = rng.ndim == (0 if typed else 1)
+    if single:
+        return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch_size))
+    if rng.shape[0] != batch_size:
+        raise ValueError(f"rng has {rng.shape[0]} per-row keys for a batch of {batch_size}.")
+    return rng
+
+
+def brevity_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """T5X / GNMT length penalty ((5 + length) / 6) ** alpha."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p;
+    the most likely token is always kept, so a tiny top_p reduces to greedy.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _stop_inputs(batch_size: int, max_decode_length: int, stop_tokens: Optional[jax.Array],
+                 max_decode_lengths: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+    if stop_tokens is None:
+        stop_tokens = jnp.full((batch_size,), -1, jnp.int32)
+    if max_decode_lengths is None:
+        max_decode_lengths = jnp.full((batch_size,), max_decode_length, jnp.int32)
+    max_decode_lengths = jnp.clip(max_decode_lengths.astype(jnp.int32), 1, max_decode_length)
+    return stop_tokens.astype(jnp.int32), max_decode_lengths
+
+
+def sample_decode(step_fn: StepFn, cache: Any, batch_size: int, max_decode_length: int, *,
+                  eos_id: int, start_id: int = 0, keys: Optional[jax.Array] = None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  stop_tokens: Optional[jax.Array] = None,
+                  max_decode_lengths: Optional[jax.Array] = None
+                  ) -> Tuple[jax.Array, jax.Array]:
+    """Greedy (keys=None or temperature=0) or ancestral sampling.
+
+    Row b at step t samples with fold_in(keys[b], t), so its tokens depend only on its own
+    key. Returns (tokens [batch, max_decode_length], scores [batch]) where scores are the
+    sum of the model's (untempered, unfiltered) log-probabilities of the emitted tokens.
+    """
+    greedy = keys is None or temperature == 0.0
+    stop_tokens, max_lens = _stop_inputs(batch_size, max_decode_length, stop_tokens,
+                                         max_decode_lengths)
+
+    def choose(logits, step):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        filtered = filter_logits(logits / temperature, top_k, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        return jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _ = state
+        return (step < max_decode_length) & ~jnp.all(done)
+
+    def body(state):
+        step, cur, cache, out, done, score = state
+        logits, cache = step_fn(cur, cache, step)
+        logits = logits.astype(jnp.float32)
+        tok = jnp.where(done, 0, choose(logits, step))
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+        score = score + jnp.where(done, 0.0, logp)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+        done = done | (tok == eos_id) | (tok == stop_tokens) | (step + 1 >= max_lens)
+        return step + 1, tok, cache, out, done, score
+
+    state = (jnp.asarray(0, jnp.int32), jnp.full((batch_size,), start_id, jnp.int32), cache,
+             jnp.zeros((batch_size, max_decode_length), jnp.int32),
+             jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,), jnp.float32))
+    _, _, _, out, _, score = jax.lax.while_loop(cond, body, state)
+    return out, score
+
+
+def beam_search(step_fn: StepFn, cache: Any, batch_size: int, num_beams: int,
+                max_decode_length: int, *, eos_id: int, start_id: int = 0,
+                alpha: float = 0.6, stop_tokens: Optional[jax.Array] = None,
+                max_decode_lengths: Optional[jax.Array] = None
+                ) -> Tuple[jax.Array, jax.Array]:
+    """Beam search; the cache's leading axis is batch * num_beams (row-major by batch).
+
+    A candidate finishes on EOS, its row's stop token, or at its row's max length, and is
+    scored log_prob / ((5 + length) / 6) ** alpha. Each row keeps the num_beams best
+    finished and the num_beams best unfinished hypotheses; decoding stops when no
+    unfinished hypothesis can beat the worst kept finished one (the penalty grows with
+    length and log-probs only fall). Returns the best (tokens [batch, length], score [batch]).
+    """
+    B, K, L = batch_size, num_beams, max_decode_length
+    stop_tokens, max_lens = _stop_inputs(B, L, stop_tokens, max_decode_lengths)
+    max_penalty = brevity_penalty(max_lens, alpha)
+
+    def gather_beams(x, idx):  # x [B, K, ...], idx [B, M] -> [B, M, ...]
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def reorder_cache(cache, origin):  # origin [B, K] beam each new beam continues
+        flat = (jnp.arange(B)[:, None] * K + origin).reshape(-1)
+        return jax.tree.map(lambda c: jnp.take(c, flat, axis=0), cache)
+
+    def cond(state):
+        step, _, alive_lp, _, fin_scores, _, _ = state
+        best_alive = alive_lp[:, 0] / max_penalty
+        worst_fin = jnp.min(fin_scores, axis=1)
+        done = best_alive < worst_fin
+        return (step < L) & ~jnp.all(done)
+
+    def body(state):
+        step, alive_seqs, alive_lp, fin_seqs, fin_scores, last, cache = state
+        logits, cache = step_fn(last.reshape(B * K), cache, step)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(B, K, -1)
+        vocab = logp.shape[-1]
+        cand = (alive_lp[:, :, None] + logp).reshape(B, K * vocab)
+        vals, idx = jax.lax.top_k(cand, 2 * K)
+        origin, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+        seqs = gather_beams(alive_seqs, origin)
+        seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, step))
+        ended = ((tok == eos_id) | (tok == stop_tokens[:, None])
+                 | (step + 1 >= max_lens[:, None]))
+        # Finished pool: old finished + newly ended candidates, keep the K best.
+        new_fin = jnp.where(ended, vals / brevity_penalty(step + 1, alpha), NEG_INF)
+        all_scores = jnp.concatenate([fin_scores, new_fin], axis=1)
+        all_seqs = jnp.concatenate([fin_seqs, seqs], axis=1)
+        fin_scores, keep = jax.lax.top_k(all_scores, K)
+        fin_seqs = gather_beams(all_seqs, keep)
+        # Alive pool: the K best candidates that did not end.
+        alive_vals, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, vals), K)
+        alive_seqs = gather_beams(seqs, keep)
+        last = gather_beams(tok, keep)
+        cache = reorder_cache(cache, gather_beams(origin, keep))
+        return step + 1, alive_seqs, alive_vals, fin_seqs, fin_scores, last, cache
+
+    init_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (K - 1), jnp.float32), (B, 1))
+    state = (jnp.asarray(0, jnp.int32), jnp.zeros((B, K, L), jnp.int32), init_lp,
+             jnp.zeros((B, K, L), jnp.int32), jnp.full((B, K), NEG_INF, jnp.float32),
+             jnp.full((B, K), start_id, jnp.int32), cache)
+    _, alive_seqs, alive_lp, fin_seqs, fin_scores, _, _ = jax.lax.while_loop(cond, body, state)
+    # A row with no finished hypothesis (cannot happen once max length is reached, but
+    # keep it safe) falls back to its best alive one.
+    has_fin = fin_scores[:, 0] > NEG_INF / 2
+    tokens = jnp.where(has_fin[:, None], fin_seqs[:, 0], alive_seqs[:, 0])
+    scores = jnp.where(has_fin, fin_scores[:, 0], alive_lp[:, 0] / max_penalty)
+    return tokens, scores

@@ -1,0 +1,247 @@
+"""T5 building blocks in Flax NNX: RMSNorm, embeddings, dense kernels, relative position
+bias, multi-head attention (with an explicit key/value cache) and the feed-forward block.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (read back by
+`EncoderDecoderModel.param_logical_axes`); main activations are annotated with
+`constrain`, a no-op unless a logical axis rules context is active. Parameters are kept in
+param_dtype (fp32) and cast to the activation dtype where used; softmax runs in fp32.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.linen import with_logical_constraint
+
+# Large negative additive bias for masked attention logits: finite so that a fully masked
+# row gives a uniform (not NaN) distribution.
+MASK_VALUE = -1e10
+
+Initializer = nnx.initializers.Initializer
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """Logical sharding constraint on an activation.
+
+    No-op unless called under `nnx.logical_axis_rules(rules)` (the same context as
+    `flax.linen.partitioning.axis_rules`) inside a mesh context, where the names are mapped
+    to mesh axes by the rules.
+    """
+    return with_logical_constraint(x, tuple(names))
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Tuple[int, ...], dtype,
+          names: Tuple[str, ...]) -> nnx.Param:
+    """A parameter with logical axis names; never sharded eagerly (the model knows no mesh)."""
+    assert len(names) == len(shape), (names, shape)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names,
+                     eager_sharding=False)
+
+
+def dropout(x: jax.Array, rate: float, key: Optional[jax.Array]) -> jax.Array:
+    """Inverted dropout; identity when key is None (deterministic) or rate is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_key(key: Optional[jax.Array], n: int):
+    """n independent keys, or n Nones for deterministic calls."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: scale only, no mean subtraction, no bias; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return y * self.scale[...].astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed] (std 1.0 as in T5)."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(stddev=1.0),
+                               (vocab_size, dim), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        # A gather is much cheaper than T5X's one-hot matmul on CPU/GPU.
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: x @ embedding^T."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class Dense(nnx.Module):
+    """Bias-free projection with a 2D kernel [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int, names: Tuple[str, str], init: Initializer,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = param(rngs, init, (d_in, d_out), param_dtype, names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,df->...f", x, self.kernel[...].astype(self.dtype))
+
+
+def _fan_in(scale: float = 1.0, distribution: str = "normal") -> Initializer:
+    return nnx.initializers.variance_scaling(scale, "fan_in", distribution)
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+    """T5's bucketing of memory_position - query_position.
+
+    Half of the buckets hold exact small distances, the other half log-spaced ones up to
+    max_distance; bidirectional splits the buckets between past and future, causal maps
+    every future position to bucket 0. The float32 arithmetic follows the reference
+    implementations so that bucket boundaries agree exactly.
+    """
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        n = jnp.abs(relative_position)
+    else:
+        n = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # Clamp only the argument of the log: small distances take the exact branch anyway.
+    scaled = (jnp.log(jnp.maximum(n, max_exact).astype(jnp.float32) / np.float32(max_exact))
+              / np.float32(math.log(max_distance / max_exact))
+              * np.float32(num_buckets - max_exact))
+    large = jnp.minimum(max_exact + scaled.astype(n.dtype), num_buckets - 1)
+    return buckets + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """One bias table [heads, buckets] per stack, shared by all of its layers."""
+
+    def __init__(self, num_heads: int, num_buckets: int, max_distance: int,
+                 bidirectional: bool, param_dtype, rngs: nnx.Rngs):
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.rel_embedding = param(
+                rngs, nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                (num_heads, num_buckets), param_dtype, ("heads", "relpos_buckets"))
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """Bias [batch or 1, heads, q, k] in fp32 from positions [batch or 1, q] / [.., k]."""
+        rel = key_positions[:, None, :] - query_positions[:, :, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+        table = self.rel_embedding[...].astype(jnp.float32)  # [heads, buckets]
+        values = jnp.take(table.T, buckets, axis=0)  # [b, q, k, heads]
+        return jnp.transpose(values, (0, 3, 1, 2))
+
+
+class MultiHeadAttention(nnx.Module):
+    """T5 attention: no biases and no 1/sqrt(d_kv) scaling (folded into the query init)."""
+
+    def __init__(self, d_model: int, num_heads: int, d_kv: int, dropout_rate: float, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.d_kv = d_kv
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+        inner = num_heads * d_kv
+        qkv = ("embed", "joined_kv")
+        self.query = Dense(d_model, inner, qkv, _fan_in(1.0 / d_kv), dtype, param_dtype, rngs)
+        self.key = Dense(d_model, inner, qkv, _fan_in(), dtype, param_dtype, rngs)
+        self.value = Dense(d_model, inner, qkv, _fan_in(), dtype, param_dtype, rngs)
+        self.out = Dense(inner, d_model, ("joined_kv", "embed"), _fan_in(), dtype, param_dtype,
+                         rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        y = x.reshape(x.shape[:-1] + (self.num_heads, self.d_kv))
+        return constrain(y, ("batch", "length", "heads", "kv"))
+
+    def project_kv(self, inputs_kv: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Keys and values [batch, length, heads, d_kv] (also used to fill decode caches)."""
+        return self._heads(self.key(inputs_kv)), self._heads(self.value(inputs_kv))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+               dropout_key: Optional[jax.Array]) -> jax.Array:
+        """Attention of q [b,q,h,d] over k/v [b,k,h,d] with an fp32 additive bias."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = dropout(weights, self.dropout_rate, dropout_key)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = out.reshape(out.shape[:2] + (self.num_heads * self.d_kv,))
+        out = constrain(out, ("batch", "length", "joined_kv"))
+        return self.out(out)
+
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
+                 dropout_key: Optional[jax.Array] = None) -> jax.Array:
+        q = self._heads(self.query(inputs_q))
+        k, v = self.project_kv(inputs_kv)
+        return self.attend(q, k, v, bias, dropout_key)
+
+    def decode_step(self, x: jax.Array, cache: Tuple[jax.Array, jax.Array], step: jax.Array,
+                    bias: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+        """Self-attention of one new position x [b,1,d] written into the cache at `step`.
+
+        cache: preallocated keys/values [batch, max_len, heads, d_kv]; bias [.., 1, max_len]
+        masks the positions after `step`.
+        """
+        q = self._heads(self.query(x))
+        k_new, v_new = self.project_kv(x)
+        k_cache, v_cache = cache
+        start = (0, step, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
+        return self.attend(q, k_cache, v_cache, bias, None), (k_cache, v_cache)
+
+
+ACTIVATION_FNS = {
+        "relu": jax.nn.relu,
+        # T5 1.1 / HF "gated-gelu" use the tanh approximation ("gelu_new").
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        # HF's plain "gelu" is the exact erf form.
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class MlpBlock(nnx.Module):
+    """Feed-forward block: ReLU (`wi`, T5 1.0) or gated (`wi_0` * `wi_1`, T5 1.1)."""
+
+    def __init__(self, d_model: int, d_ff: int, feed_forward_proj: str, dropout_rate: float,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.gated = feed_forward_proj.startswith("gated-")
+        act = feed_forward_proj.split("-")[-1]
+        self.act_name = "gelu_tanh" if feed_forward_proj == "gated-gelu" else act
+        self.dropout_rate = dropout_rate
+        init = _fan_in(1.0, "truncated_normal")
+        names = ("embed", "mlp")
+        if self.gated:
+            self.wi_0 = Dense(d_model, d_ff, names, init, dtype, param_dtype, rngs)
+            self.wi_1 = Dense(d_model, d_ff, names, init, dtype, param_dtype, rngs)
+        else:
+            self.wi = Dense(d_model, d_ff, names, init, dtype, param_dtype, rngs)
+        self.wo = Dense(d_ff, d_model, ("mlp", "embed"), init, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array, dropout_key: Optional[jax.Array] = None) -> jax.Array:
+        act = ACTIVATION_FNS[self.act_name]
+        if self.gated:
+            h = act(self.wi_0(x)) * self.wi_1(x)
+        else:
+            h = act(self.wi(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = dropout(h, self.dropout_rate, dropout_key)
+        return self.wo(h)

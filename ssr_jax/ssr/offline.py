@@ -1,0 +1,407 @@
+"""Offline SSR: `ssr-jax generate-spans` writes teacher-rewritten examples to TFRecord shards,
+and a SeqIO task (and input stage) reads them back.
+
+Generation runs exactly what the online stage runs (ssr_jax.ssr.online): the same masked
+task, split, seed and shards, the same teacher batch per step (examples_per_row x BATCH_SIZE
+- span_corruption_examples), the same per-example keys, decode lengths and rewrite. So for
+the same settings the offline examples are the online ones, and `offline_stage` (which adds
+the span-corruption examples and packs each step's group with the same packer) gives the
+student batches the online stage gives.
+
+Layout of OUTPUT_DIR:
+    manifest.json                                  the settings (a rerun must match them)
+    ssr-<chunk:06d>-<shard:05d>-of-<shards:05d>.tfrecord   tf.train.Example {'inputs',
+                                                   'targets'} int64 lists, in step order
+    progress-<shard:05d>-of-<shards:05d>.json      chunks committed, pipeline state after
+                                                   the last two, rewrite statistics
+One writer per data shard (hosts that read the same shard write identical files). A chunk
+of `chunk_steps` steps is written to a temporary file and renamed into place, then the
+progress file is replaced (also atomically). After an interruption the hosts agree on the
+smallest committed chunk count and regenerate from there: a chunk that was renamed but not
+yet recorded is simply rewritten with the same content, so every example appears exactly
+once.
+
+Use:  ssr-jax generate-spans --gin_file=gin/objectives/ssr_offline.gin \
+          --gin_file=gin/experiments/default_student_ssr.gin --gin.OUTPUT_DIR="'/data/ssr'"
+then train with gin/objectives/ssr_offline.gin (SSR_OFFLINE_DIR = the same directory).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ssr_jax.data.ssr_preprocessors import RewriteStats
+from ssr_jax.errors import UserError
+from ssr_jax.ssr import online
+from ssr_jax.ssr import teacher as teacher_lib
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_CHUNK_RE = re.compile(r"^ssr-(\d{6})-(\d{5})-of-(\d{5})\.tfrecord$")
+
+
+def chunk_name(chunk: int, shard: int, num_shards: int) -> str:
+    return f"ssr-{chunk:06d}-{shard:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def progress_name(shard: int, num_shards: int) -> str:
+    return f"progress-{shard:05d}-of-{num_shards:05d}.json"
+
+
+def _write_json_atomic(path: str, obj: Any):
+    import jax  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tmp = f"{path}.tmp-{jax.process_index()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(obj))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            return json.loads(f.read())
+        except ValueError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); delete it to regenerate.") from e
+
+
+# --- reading ----------------------------------------------------------------------------------
+def list_chunks(output_dir: str) -> List[str]:
+    """Committed chunk files, chunk-major then shard (the global step order)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    names = [os.path.basename(p) for p in tf.io.gfile.glob(os.path.join(output_dir,
+                                                                          "ssr-*.tfrecord"))]
+    return [os.path.join(output_dir, n) for n in sorted(n for n in names if _CHUNK_RE.match(n))]
+
+
+def _parse(record):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    spec = {"inputs": tf.io.VarLenFeature(tf.int64), "targets": tf.io.VarLenFeature(tf.int64)}
+    ex = tf.io.parse_single_example(record, spec)
+    return {k: tf.cast(tf.sparse.to_dense(v), tf.int32) for k, v in ex.items()}
+
+
+def _make_source(output_dir: str, split: str):
+    import seqio  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    class OfflineSSRSource(seqio.DataSource):
+        """Rewritten examples of one generate-spans directory, in generation order. Read with
+        the writers' shard count, shard i gets exactly writer i's examples."""
+
+        def __init__(self):
+            super().__init__(splits=(split,), caching_permitted=False)
+            self.output_dir = output_dir
+
+        @property
+        def supports_arbitrary_sharding(self) -> bool:
+            return True
+
+        def list_shards(self, split: str) -> Sequence[str]:
+            return list_chunks(self.output_dir)
+
+        def get_dataset(self, split: str = split, shuffle: bool = False,
+                        seed: Optional[int] = None, shard_info=None, **_) -> tf.data.Dataset:
+            files = list_chunks(self.output_dir)
+            if not files:
+                raise UserError(f"no SSR chunks in {self.output_dir}; run `ssr-jax "
+                                "generate-spans` first.")
+            by_example = False
+            if shard_info is not None and shard_info.num_shards > 1:
+                tag = f"-{shard_info.index:05d}-of-{shard_info.num_shards:05d}.tfrecord"
+                mine = [f for f in files if f.endswith(tag)]
+                files, by_example = (mine, False) if mine else (files, True)
+            if shuffle:
+                files = list(np.random.RandomState(seed or 0).permutation(files))
+            ds = tf.data.TFRecordDataset(files).map(_parse)
+            if by_example:
+                ds = ds.shard(shard_info.num_shards, shard_info.index)
+            return ds
+
+    return OfflineSSRSource()
+
+
+def register_offline_ssr_task(name: str, output_dir: str, vocabulary=None,
+                              overwrite: bool = True):
+    """Registers the rewritten examples of `output_dir` as a SeqIO task {'inputs' (student
+    input), 'targets'} with the split they were generated from. The vocabulary (default: the
+    embedded corpus's) must be the one recorded in the manifest."""
+    import seqio  # pylint: disable=import-outside-toplevel
+    manifest = read_manifest(output_dir)
+    if vocabulary is None:
+        import tasks  # pylint: disable=import-outside-toplevel
+        vocabulary = tasks.default_vocabulary()
+    recorded, mine = manifest["vocabulary"], teacher_lib.vocab_record(vocabulary)
+    for key in ("vocab_size", "extra_ids", "sentencepiece_sha256"):
+        if recorded.get(key) != mine.get(key):
+            raise UserError(f"offline SSR data {output_dir} was written with vocabulary "
+                            f"{recorded.get('sentencepiece_model_file')} ({key}="
+                            f"{recorded.get(key)}), not {mine.get('sentencepiece_model_file')}.")
+    if name in seqio.TaskRegistry.names():
+        if not overwrite:
+            raise UserError(f"task {name!r} is already registered.")
+        seqio.TaskRegistry.remove(name)
+    features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
+                "targets": seqio.Feature(vocabulary, add_eos=True)}
+    return seqio.TaskRegistry.add(name, source=_make_source(output_dir, manifest["split"]),
+                                  output_features=features, preprocessors=[],
+                                  shuffle_buffer_size=10_000)
+
+
+def read_manifest(output_dir: str) -> Dict[str, Any]:
+    manifest = _read_json(os.path.join(output_dir, MANIFEST))
+    if manifest is None:
+        raise UserError(f"{output_dir} holds no {MANIFEST}: not a generate-spans output "
+                        "directory (run `ssr-jax generate-spans` with OUTPUT_DIR there).")
+    return manifest
+
+
+def progress(output_dir: str, manifest: Dict[str, Any]) -> List[Optional[Dict[str, Any]]]:
+    shards = manifest["num_shards"]
+    return [_read_json(os.path.join(output_dir, progress_name(i, shards)))
+            for i in range(shards)]
+
+
+# --- generation -------------------------------------------------------------------------------
+def _manifest(cfg, plan: online.SlotPlan, teacher: teacher_lib.TeacherConfig, vocabulary,
+              config: online.SsrStageConfig, num_steps: Optional[int], chunk_steps: int):
+    sampler = {k: getattr(teacher, k) for k in ("top_p", "top_k", "temperature", "fill_ratio",
+                                                "seed", "dtype")}
+    return {"format": FORMAT, "task": cfg.mixture_or_task_name, "split": cfg.split,
+            "seed": cfg.seed, "shuffle": cfg.shuffle,
+            "student_lengths": list(plan.student_lengths),
+            "slot_lengths": list(plan.slot_lengths), "rows": plan.rows,
+            "examples_per_row": config.examples_per_row,
+            "ssr_examples_per_step": plan.ssr_examples,
+            "span_corruption_examples_per_step": plan.sc_examples,
+            "num_shards": plan.ssr_shard[1], "examples_per_step_per_shard": plan.host_ssr,
+            "teacher": os.path.abspath(teacher.checkpoint_path), "sampler": sampler,
+            "vocabulary": teacher_lib.vocab_record(vocabulary), "num_steps": num_steps,
+            "chunk_steps": chunk_steps}
+
+
+def _min_over_hosts(value: int) -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return int(np.min(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def _any_over_hosts(flag: bool) -> bool:
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _write_chunk(path: str, examples: Sequence[Dict[str, np.ndarray]]):
+    import jax  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tmp = f"{path}.tmp-{jax.process_index()}"
+    with tf.io.TFRecordWriter(tmp) as w:
+        for ex in examples:
+            feats = {k: tf.train.Feature(int64_list=tf.train.Int64List(
+                    value=np.asarray(ex[k]).tolist())) for k in ("inputs", "targets")}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats))
+                    .SerializeToString())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _stats_to_json(stats: RewriteStats) -> Dict[str, Any]:
+    d = dataclasses.asdict(stats)
+    d["fill_lengths"] = int(np.sum(stats.fill_lengths))  # totals keep the file small
+    d["original_lengths"] = int(np.sum(stats.original_lengths))
+    return d
+
+
+def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: str,
+                   partitioner, ssr: online.SsrStageConfig = online.SsrStageConfig(),
+                   num_steps: Optional[int] = None, chunk_steps: int = 50,
+                   student_vocab_size: Optional[int] = None,
+                   stop_after_chunks: Optional[int] = None) -> Dict[str, Any]:
+    """Writes the rewritten examples of `num_steps` student steps (None: one pass of the
+    split) to output_dir; resumes where a previous run stopped. `dataset` is the student's
+    DatasetConfig (the SSR-masked task, the student's lengths and global batch size).
+    stop_after_chunks: stop after committing that many chunks in this call (tests).
+    Returns this shard's progress record."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    if chunk_steps < 1 or (num_steps is not None and num_steps < 1):
+        raise UserError(f"generate-spans: chunk_steps={chunk_steps} and num_steps={num_steps} "
+                        "must be >= 1.")
+    vocabulary = online.task_vocabulary(dataset.mixture_or_task_name, dataset.module)
+    teacher_lib.check_teacher(teacher, vocabulary, student_vocab_size)  # before any compute
+    plan = online.plan_slots(dataset.task_feature_lengths, dataset.batch_size, ssr, partitioner)
+    shard, shards = plan.ssr_shard
+    manifest = _manifest(dataset, plan, teacher, vocabulary, ssr, num_steps, chunk_steps)
+    tf.io.gfile.makedirs(output_dir)
+    old = _read_json(os.path.join(output_dir, MANIFEST))
+    if old is not None and old != manifest:
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        raise UserError(f"OUTPUT_DIR {output_dir} was generated with other settings "
+                        f"(different: {', '.join(diff)}); use a new OUTPUT_DIR or the same "
+                        "settings to resume.")
+    _write_json_atomic(os.path.join(output_dir, MANIFEST), manifest)
+    progress_path = os.path.join(output_dir, progress_name(shard, shards))
+    record = _read_json(progress_path) or {"chunks_done": 0, "states": {}, "complete": False,
+                                           "examples": 0, "stats": None}
+    if _min_over_hosts(int(record["complete"])) == 1:
+        print(f"generate-spans: {output_dir} is already complete "
+              f"({record['examples']} examples in this shard).", flush=True)
+        return record
+    start_chunk = _min_over_hosts(int(record["chunks_done"]))
+    total_chunks = None if num_steps is None else -(-num_steps // chunk_steps)
+    max_len = teacher_lib.static_decode_length(*plan.slot_lengths, teacher.fill_ratio)
+    model = teacher_lib.Teacher.load(teacher, partitioner, vocabulary, max_len,
+                                     student_vocab_size)
+    pipeline, _ = online.make_pipelines(dataset, dataclasses.replace(plan, sc_examples=0), ssr,
+                                        dataset.mixture_or_task_name, dataset.shuffle,
+                                        repeat=num_steps is not None)
+    if start_chunk:
+        state = record["states"].get(str(start_chunk))
+        if state is None:
+            raise UserError(f"{progress_path} has no pipeline state for chunk {start_chunk}; "
+                            "delete OUTPUT_DIR and regenerate.")
+        pipeline.set_state(state)
+        print(f"generate-spans: resuming at chunk {start_chunk} ({start_chunk * chunk_steps} "
+              "steps done)", flush=True)
+    stats = RewriteStats()
+    chunk, committed, t_start = start_chunk, 0, time.time()
+    ended = False
+    while not ended and (total_chunks is None or chunk < total_chunks):
+        steps = chunk_steps if num_steps is None else min(chunk_steps,
+                                                         num_steps - chunk * chunk_steps)
+        examples: List[Dict[str, np.ndarray]] = []
+        prev, prev_real = None, 0
+        for _ in range(steps):
+            got = pipeline.next_examples(plan.host_ssr)
+            ended = _any_over_hosts(len(got) < plan.host_ssr)
+            real = len(got)
+            got += [{"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32)}
+                    ] * (plan.host_ssr - real)
+            call = online.TeacherCall(model, partitioner, got, plan.slot_lengths, vocabulary,
+                                      teacher.seed, teacher.fill_ratio)
+            if prev is not None:  # rewrite step s while the teacher runs step s + 1
+                rows, s, _ = prev.rewrite()
+                examples += rows[:prev_real]
+                stats = stats.merge(s)
+            prev, prev_real = call, real
+            if ended:
+                break
+        rows, s, _ = prev.rewrite()
+        examples += rows[:prev_real]
+        stats = stats.merge(s)
+        _write_chunk(os.path.join(output_dir, chunk_name(chunk, shard, shards)), examples)
+        chunk += 1
+        committed += 1
+        states = {k: v for k, v in record["states"].items() if int(k) == chunk - 1}
+        states[str(chunk)] = pipeline.get_state()
+        done = ended or (total_chunks is not None and chunk >= total_chunks)
+        record = {"chunks_done": chunk, "states": states, "complete": done,
+                  "examples": int(record["examples"]) + len(examples),
+                  "stats": _merge_stats_json(record.get("stats"), _stats_to_json(stats))}
+        _write_json_atomic(progress_path, record)
+        stats = RewriteStats()
+        if jax.process_index() == 0:
+            print(f"generate-spans: chunk {chunk}" + (f"/{total_chunks}" if total_chunks else "")
+                  + f" committed ({record['examples']} examples in shard {shard}, "
+                  f"{time.time() - t_start:.0f}s)", flush=True)
+        if stop_after_chunks is not None and committed >= stop_after_chunks and not done:
+            return record
+    summary = _summary(record.get("stats"))
+    if jax.process_index() == 0:
+        print(f"generate-spans: done; {record['examples']} examples in shard {shard} of "
+              f"{shards} under {output_dir}; {summary}", flush=True)
+    return record
+
+
+def _merge_stats_json(a: Optional[Dict], b: Dict) -> Dict:
+    if not a:
+        return b
+    return {k: a.get(k, 0) + v for k, v in b.items()}
+
+
+def _summary(stats: Optional[Dict]) -> str:
+    if not stats or not stats.get("spans"):
+        return "no spans"
+    spans = stats["spans"]
+    valid = max(stats["valid_fills"], 1)
+    return (f"valid fills {stats['valid_fills'] / spans:.1%}, exact copies "
+            f"{stats['exact_copies'] / valid:.1%}, mean fill {stats['fill_lengths'] / valid:.2f}"
+            f" vs original {stats['original_lengths'] / spans:.2f} tokens")
+
+
+# --- training from offline data ---------------------------------------------------------------
+def offline_task_name(output_dir: str) -> str:
+    digest = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:10]
+    return f"ssr_offline_{digest}"
+
+
+def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
+                  config: online.SsrStageConfig = online.SsrStageConfig()) -> online.SSRStage:
+    """Student batches from generate-spans output: each step's group of rewritten examples
+    plus the span-corruption examples, packed exactly as the online stage packs them.
+    `cfg` is the student's DatasetConfig (its task: the SSR-masked task it was made from)."""
+    manifest = read_manifest(output_dir)
+    vocabulary = online.task_vocabulary(cfg.mixture_or_task_name, cfg.module)
+    plan = online.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
+                             num_microbatches)
+    expect = {"slot_lengths": list(plan.slot_lengths),
+              "ssr_examples_per_step": plan.ssr_examples, "split": cfg.split}
+    wrong = {k: (manifest.get(k), v) for k, v in expect.items() if manifest.get(k) != v}
+    if wrong:
+        raise UserError(f"offline SSR data {output_dir} does not fit this run (written, now): "
+                        f"{wrong}; generate it with the student's lengths, BATCH_SIZE and "
+                        "examples_per_row.")
+    records = progress(output_dir, manifest)
+    if not all(r and r.get("complete") for r in records):
+        done = [r["chunks_done"] if r else 0 for r in records]
+        raise UserError(f"generate-spans into {output_dir} has not finished (chunks per shard: "
+                        f"{done}); rerun it to complete.")
+    if manifest["num_shards"] != plan.ssr_shard[1]:
+        print(f"WARNING: {output_dir} was written by {manifest['num_shards']} data shards, this "
+              f"run reads {plan.ssr_shard[1]}: same examples, different batches.", flush=True)
+    name = offline_task_name(output_dir)
+    register_offline_ssr_task(name, output_dir, vocabulary)
+    ssr_pipe, sc_pipe = online.make_pipelines(cfg, plan, config, name, shuffle=False,
+                                              repeat=False)
+    steps = manifest["num_steps"]
+    print(f"offline SSR: {output_dir} ({steps if steps else 'one pass of'} steps of "
+          f"{plan.ssr_examples} rewritten + {plan.sc_examples} span-corruption examples)",
+          flush=True)
+    return online.SSRStage(plan, partitioner, vocabulary, ssr_pipe, sc_pipe, None, 0,
+                           2.0, config)
+
+
+# --- command line -----------------------------------------------------------------------------
+def main(argv) -> int:
+    """`ssr-jax generate-spans --gin_file=... --gin.OUTPUT_DIR=...` (MODEL_DIR, required by
+    the run-mode files, defaults to OUTPUT_DIR: generate-spans writes nothing there)."""
+    import gin  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from ssr_jax import gin_config  # pylint: disable=import-outside-toplevel
+    from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
+    from ssr_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
+    gin_bindings.register()
+    argv = list(argv)
+    if not any(a.startswith(("--gin.MODEL_DIR=", "--gin.MODEL_DIR ")) for a in argv):
+        argv.append("--gin.MODEL_DIR=%OUTPUT_DIR")
+    train_main._prepare(argv)  # pylint: disable=protected-access
+    output_dir = gin_config.query_macro("OUTPUT_DIR")
+    if isinstance(output_dir, str) and jax.process_index() == 0:
+        tf.io.gfile.makedirs(output_dir)
+        with tf.io.gfile.GFile(os.path.join(output_dir, "generate_config.gin"), "w") as f:
+            f.write(gin.config_str())
+    gin_bindings.call("generate_spans")
+    return 0

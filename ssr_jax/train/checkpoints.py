@@ -1,0 +1,321 @@
+"""Orbax checkpoints of the train state, params-only loading, and their on-disk layout.
+
+Layout of a checkpoint root (MODEL_DIR/checkpoints, or what import-hf writes):
+
+    <root>/model_config.json           dataclasses.asdict(T5Config) (or None if unknown)
+    <root>/<step>/params/              Orbax StandardSave of the params pytree
+    <root>/<step>/train_state/         optimizer state, step, rng, non-finite counters
+    <root>/<step>/data_state/          JSON: {"process_count": n, "hosts": [state of host i]}
+    <root>/<step>/model_config.json    copy of the root's, once the step is finalised
+
+Only `params/` (+ a model_config.json in the step dir or its root) is needed by
+`load_params`, so params-only checkpoints (e.g. from import-hf) are valid initial
+checkpoints and eval/infer inputs.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ssr_jax.errors import UserError
+
+PARAMS = "params"
+TRAIN_STATE = "train_state"
+DATA_STATE = "data_state"
+MODEL_CONFIG_FILE = "model_config.json"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """save_every: steps between (async) saves; keep: how many to keep (None = all)."""
+
+    save_every: int = 1000
+    keep: Optional[int] = 3
+    async_save: bool = True
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class Checkpointer:
+    """Saves and restores train state + per-host data pipeline state in one directory."""
+
+    def __init__(self, directory: str, config: CheckpointConfig = CheckpointConfig(),
+                 model_config: Optional[dict] = None):
+        self.directory = os.path.abspath(directory)
+        self.config = config
+        self._model_config = model_config
+        self._unmarked: list = []  # saved steps whose dir lacks model_config.json
+        options = ocp.CheckpointManagerOptions(
+                max_to_keep=config.keep, save_interval_steps=1,
+                enable_async_checkpointing=config.async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=(PARAMS, TRAIN_STATE, DATA_STATE))
+        if jax.process_index() == 0:
+            with open(os.path.join(self.directory, MODEL_CONFIG_FILE), "w") as f:
+                json.dump(model_config, f, indent=2)
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self):
+        return list(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.config.save_every > 0 and step % self.config.save_every == 0
+
+    def save(self, state, data_state: Any) -> int:
+        """Starts an (async) save of the state at its step; returns the step."""
+        step = int(jax.device_get(state.step))
+        if step in self._manager.all_steps():
+            return step
+        hosts = _gather_host_states(data_state)
+        args = ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardSave(state.params),
+                TRAIN_STATE: ocp.args.StandardSave({"opt_state": state.opt_state,
+                                                    **state.meta()}),
+                DATA_STATE: ocp.args.JsonSave({"process_count": jax.process_count(),
+                                               "hosts": hosts}),
+        })
+        self._manager.save(step, args=args, force=True)
+        # The previous save is finalised once a new one has started.
+        self._mark_finalized(exclude=step)
+        self._unmarked.append(step)
+        return step
+
+    def wait(self):
+        self._manager.wait_until_finished()
+        self._mark_finalized()
+
+    def close(self):
+        self.wait()
+        self._manager.close()
+
+    def _mark_finalized(self, exclude: Optional[int] = None):
+        if jax.process_index() != 0:
+            self._unmarked = []
+            return
+        remaining = []
+        for step in self._unmarked:
+            step_dir = os.path.join(self.directory, str(step))
+            if step == exclude:
+                remaining.append(step)
+            elif os.path.isdir(step_dir):
+                with open(os.path.join(step_dir, MODEL_CONFIG_FILE), "w") as f:
+                    json.dump(self._model_config, f, indent=2)
+        self._unmarked = remaining
+
+    def restore_latest(self, state_template, state_shardings) -> Optional[Tuple[Any, Any]]:
+        """The newest readable checkpoint as (state, this host's data state), or None if the
+        directory has none. An unreadable newest checkpoint is moved aside with a warning and
+        the previous one is tried."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                return self._restore(step, state_template, state_shardings)
+            except UserError:
+                raise  # readable but does not fit this model/optimizer: not corruption
+            except Exception as e:  # pylint: disable=broad-except
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+                       f"({_first_line(e)}); "
+                       + (f"falling back to step {older}." if older is not None
+                          else "no earlier checkpoint; starting from scratch is refused."))
+                log.warning(msg)
+                print(msg, flush=True)
+                self._quarantine(step)
+        if steps:
+            raise UserError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
+                            "remove the directory to start afresh or fix the files.")
+        return None
+
+    def _restore(self, step: int, template, shardings):
+        train_target = {"opt_state": template.opt_state, **template.meta()}
+        step_dir = os.path.join(self.directory, str(step))
+        _check_compatible(_stored_tree(os.path.join(step_dir, PARAMS)), template.params,
+                          step_dir)
+        stored_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(
+                _stored_tree(os.path.join(step_dir, TRAIN_STATE))))
+        if stored_shapes != sorted(tuple(np.shape(x)) for x in jax.tree.leaves(train_target)):
+            raise UserError(f"the optimizer state in {step_dir} does not fit this run's "
+                            "optimizer; to start a new run from its params use "
+                            "INITIAL_CHECKPOINT_PATH with a fresh MODEL_DIR.")
+        train_shard = {"opt_state": shardings.opt_state, **shardings.meta()}
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardRestore(_abstract(template.params, shardings.params)),
+                TRAIN_STATE: ocp.args.StandardRestore(_abstract(train_target, train_shard)),
+                DATA_STATE: ocp.args.JsonRestore(),
+        }))
+        ts = restored[TRAIN_STATE]
+        # Orbax gives tuples back for NamedTuple nodes: rebuild the optimizer's own tree.
+        opt_state = jax.tree.unflatten(jax.tree.structure(template.opt_state),
+                                       jax.tree.leaves(ts["opt_state"]))
+        state = template.replace(params=restored[PARAMS], opt_state=opt_state).replace_meta(ts)
+        if int(jax.device_get(state.step)) != step:
+            raise ValueError(f"stored step {int(state.step)} != directory step {step}")
+        return state, _host_state(restored[DATA_STATE], step)
+
+    def _quarantine(self, step: int):
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = os.path.join(self.directory, f"{step}.corrupt-{int(time.time())}")
+            if os.path.isdir(src):
+                os.rename(src, dst)
+                print(f"WARNING: moved the unreadable checkpoint to {dst}", flush=True)
+        _sync("quarantine_checkpoint")
+        self._manager.reload()
+
+
+def _stored_tree(item_dir: str) -> Any:
+    """The stored tree of array metadata (shape, dtype) of one Orbax pytree item."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.metadata(item_dir).item_metadata.tree
+    finally:
+        checkpointer.close()
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _gather_host_states(data_state: Any) -> list:
+    """Every host's JSON-able data state, in process order (a collective when multi-host)."""
+    if jax.process_count() == 1:
+        return [data_state]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:raw.size] = raw
+    everyone = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
+            for i in range(jax.process_count())]
+
+
+def _host_state(stored: Optional[dict], step: int) -> Any:
+    if not stored or "hosts" not in stored:
+        return None
+    hosts = stored["hosts"]
+    if len(hosts) != jax.process_count():
+        print(f"WARNING: checkpoint step {step} has data state for {len(hosts)} hosts but "
+              f"{jax.process_count()} run now; the input pipeline restarts from the beginning.",
+              flush=True)
+        return None
+    return hosts[jax.process_index()]
+
+
+# --- params-only checkpoints (initial checkpoints, eval/infer, export-hf) ---------------------
+def resolve_step_dir(checkpoint_path: str) -> str:
+    """A step dir (holding params/) as is; a checkpoint root -> its newest step; a model dir ->
+    its checkpoints/ root's newest step."""
+    path = os.path.abspath(os.path.expanduser(checkpoint_path))
+    if os.path.isdir(os.path.join(path, PARAMS)):
+        return path
+    for root in (path, os.path.join(path, CHECKPOINTS_SUBDIR)):
+        if not os.path.isdir(root):
+            continue
+        steps = sorted((int(d) for d in os.listdir(root)
+                        if d.isdigit() and os.path.isdir(os.path.join(root, d, PARAMS))),
+                       reverse=True)
+        if steps:
+            return os.path.join(root, str(steps[0]))
+    raise UserError(f"no checkpoint at {checkpoint_path}: expected a step directory holding "
+                    f"'{PARAMS}/' or a directory of numbered step directories.")
+
+
+def load_model_config(checkpoint_path: str) -> Optional[dict]:
+    """The model_config.json of a checkpoint (its step dir, else its root), or None."""
+    step_dir = resolve_step_dir(checkpoint_path)
+    for d in (step_dir, os.path.dirname(step_dir)):
+        f = os.path.join(d, MODEL_CONFIG_FILE)
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+    return None
+
+
+def load_params(checkpoint_path: str, shardings: Any = None, abstract_params: Any = None) -> Any:
+    """Params from a checkpoint (step dir, checkpoint root or model dir).
+
+    With `shardings` (a params-shaped tree of NamedShardings) the params are restored straight
+    into them, on any mesh. Without, each array lands on the first local device. When
+    `abstract_params` is given, a checkpoint with a different tree or shapes is a UserError
+    naming the first differences.
+    """
+    step_dir = resolve_step_dir(checkpoint_path)
+    params_dir = os.path.join(step_dir, PARAMS)
+    try:
+        stored = _stored_tree(params_dir)
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"cannot read checkpoint {params_dir}: {_first_line(e)}") from e
+    checkpointer = ocp.StandardCheckpointer()
+    if abstract_params is not None:
+        _check_compatible(stored, abstract_params, params_dir)
+    if shardings is None:
+        device = jax.local_devices()[0]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+                m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), stored)
+    else:
+        shapes = abstract_params if abstract_params is not None else stored
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                              shapes, shardings)
+    try:
+        return checkpointer.restore(params_dir, target)
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"cannot restore params from {params_dir}: {_first_line(e)}") from e
+    finally:
+        checkpointer.close()
+
+
+def save_params(step_dir: str, params: Any, model_config: Optional[dict] = None):
+    """Writes a params-only checkpoint in the layout above (e.g. for import-hf)."""
+    step_dir = os.path.abspath(step_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(step_dir, PARAMS), params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(step_dir, MODEL_CONFIG_FILE), "w") as f:
+            json.dump(model_config, f, indent=2)
+
+
+def _check_compatible(stored: Any, expected: Any, where: str):
+    flat_stored = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                   jax.tree_util.tree_flatten_with_path(stored)[0]}
+    flat_expected = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in
+                     jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing = sorted(set(flat_expected) - set(flat_stored))
+    extra = sorted(set(flat_stored) - set(flat_expected))
+    wrong = sorted(k for k in set(flat_stored) & set(flat_expected)
+                   if flat_stored[k] != flat_expected[k])
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {flat_stored[k]} but the model has {flat_expected[k]}")
+        raise UserError(f"checkpoint {where} does not fit the model ({'; '.join(parts)}); "
+                        "check that the gin model size matches the checkpoint (or use a fresh "
+                        "MODEL_DIR).")

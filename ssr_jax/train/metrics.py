@@ -1,0 +1,152 @@
+"""Training metrics: the console progress line, TensorBoard (tf.summary) and a JSONL log.
+
+Only process 0 writes files. Values arrive already summed over a logging window on the host;
+nothing here touches device arrays, so the loop decides when to synchronise.
+"""
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, matched by substring of `device.device_kind`.
+PEAK_FLOPS_BY_KIND = (
+        ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+        ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("TPU v2", 46e12),
+        ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+        ("A10", 125e12), ("V100", 125e12),
+)
+# CPU: fp32 matmul rate per core (about 290 GFLOP/s measured on a 2-core machine).
+CPU_FLOPS_PER_CORE = 145e9
+
+
+def peak_flops(peak_flops_per_device: Optional[float] = None) -> float:
+    """Peak FLOP/s of all devices together (CPU: per host, from the core count)."""
+    devices = jax.devices()
+    if peak_flops_per_device:
+        return float(peak_flops_per_device) * len(devices)
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+    for name, flops in PEAK_FLOPS_BY_KIND:
+        if name.lower() in kind.lower():
+            return flops * len(devices)
+    return float("nan")  # unknown device: MFU is not reported
+
+
+def count_params(params: Any) -> int:
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))
+
+
+def train_flops_per_step(params: Any, batch_shapes: Mapping[str, tuple]) -> float:
+    """6 * params * tokens, counting encoder params against encoder positions and all other
+    params (decoder, output layer, tied embedding) against decoder positions. Attention
+    score FLOPs are left out, as in the usual MFU estimate."""
+    enc_tokens = math.prod(batch_shapes.get("encoder_input_tokens", (0,)))
+    dec_tokens = math.prod(batch_shapes.get("decoder_target_tokens", (0,)))
+    if not isinstance(params, Mapping) or not any("encoder" in str(k) for k in params):
+        return 6.0 * count_params(params) * (enc_tokens + dec_tokens)
+    enc = sum(count_params(v) for k, v in params.items() if "encoder" in str(k))
+    return 6.0 * (enc * enc_tokens + (count_params(params) - enc) * dec_tokens)
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+    """Console line every log step; TensorBoard scalars under <model_dir>/{train,eval} and the
+    same values as JSON lines in <model_dir>/{train,eval}/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, model_dir: Optional[str], total_steps: int, tokens_per_step: int,
+                 flops_per_step: float, peak_flops_total: float):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak = peak_flops_total
+        self.is_primary = jax.process_index() == 0
+        self.model_dir = model_dir if self.is_primary else None
+        self._writers = {}
+        self._start_time = time.time()
+        self._start_step: Optional[int] = None
+
+    def _write(self, kind: str, step: int, scalars: Mapping[str, float]):
+        if not self.model_dir:
+            return
+        directory = os.path.join(self.model_dir, kind)
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        if kind not in self._writers:
+            os.makedirs(directory, exist_ok=True)
+            self._writers[kind] = tf.summary.create_file_writer(directory)
+        # tf.summary.scalar lives in the tensorboard package; the core op plus the scalar
+        # plugin's metadata writes the same event without it.
+        metadata = tf.compat.v1.SummaryMetadata(
+                plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+        with self._writers[kind].as_default():
+            for name, value in scalars.items():
+                tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
+                                 metadata=metadata)
+        self._writers[kind].flush()
+        with open(os.path.join(directory, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
+                    + "\n")
+
+    def log_train(self, step: int, summed: Mapping[str, float], num_steps: int,
+                  seconds: float) -> Mapping[str, float]:
+        """summed: metric sums over the last num_steps steps (grad_norm/lr: last step)."""
+        if self._start_step is None:
+            self._start_step = step - num_steps
+        w = max(summed["weight_sum"], 1.0)
+        tok_s = self.tokens_per_step * num_steps / max(seconds, 1e-9)
+        mfu = self.flops_per_step * num_steps / max(seconds, 1e-9) / self.peak
+        done = step - self._start_step
+        eta = (time.time() - self._start_time) / max(done, 1) * (self.total_steps - step)
+        scalars = {
+                "loss": summed["loss_sum"] / w,
+                "accuracy": summed["correct_sum"] / w,
+                "cross_ent_loss": summed["cross_ent_sum"] / w,
+                "z_loss": summed["z_loss_sum"] / w,
+                "learning_rate": summed["learning_rate"],
+                "grad_norm": summed["grad_norm"],
+                "nonfinite_steps": summed["nonfinite"],
+                "timing/steps_per_second": num_steps / max(seconds, 1e-9),
+                "timing/tokens_per_second": tok_s,
+        }
+        if math.isfinite(mfu):
+            scalars["timing/mfu"] = mfu
+        line = (f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | "
+                f"acc {scalars['accuracy']:.4f} | lr {scalars['learning_rate']:.3g} | "
+                f"gnorm {scalars['grad_norm']:.3g} | {tok_s:,.0f} tok/s | "
+                + (f"MFU {100 * mfu:.1f}% | " if math.isfinite(mfu) else "")
+                + f"ETA {_fmt_duration(eta)}")
+        if summed["nonfinite"]:
+            line += f" | {int(summed['nonfinite'])} non-finite steps skipped"
+        if self.is_primary:
+            print(line, flush=True)
+        self._write("train", step, scalars)
+        return scalars
+
+    def log_eval(self, step: int, summed: Mapping[str, float], num_batches: int,
+                 name: str = "eval") -> Mapping[str, float]:
+        w = max(summed["weight_sum"], 1.0)
+        scalars = {"loss": (summed["cross_ent_sum"] + summed["z_loss_sum"]) / w,
+                   "accuracy": summed["correct_sum"] / w,
+                   "cross_ent_loss": summed["cross_ent_sum"] / w,
+                   "weight_sum": summed["weight_sum"]}
+        if self.is_primary:
+            print(f"{name} step {step} | loss {scalars['loss']:.4f} | "
+                  f"acc {scalars['accuracy']:.4f} | {num_batches} batches, "
+                  f"{int(summed['weight_sum'])} target tokens", flush=True)
+        self._write(name, step, scalars)
+        return scalars
+
+    def close(self):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}

@@ -1,0 +1,258 @@
+"""The training loop (`train`) and checkpoint evaluation (`evaluate`).
+
+`train` reads as one screen; each detail (state setup, logging, eval, preemption) is a named
+function below it. The model is any `BaseModel`; everything about devices goes through the
+`Partitioner`; batches come through an `InputStage` (see input_stage.py).
+"""
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from ssr_jax.errors import UserError
+from ssr_jax.models.base import BaseModel
+from ssr_jax.partitioning import Partitioner
+from ssr_jax.train import checkpoints as ckpt
+from ssr_jax.train import metrics as metrics_lib
+from ssr_jax.train import steps as steps_lib
+from ssr_jax.train import train_state as ts
+from ssr_jax.train.input_stage import DatasetConfig, InputStage, PipelineInputStage, host_batches
+from ssr_jax.train.optimizers import Optimizer
+
+StageFactory = Callable[[DatasetConfig, Partitioner, int], InputStage]
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: ts.TrainState
+    train_metrics: List[Dict[str, float]]  # one dict per log step ("step" included)
+    eval_metrics: List[Dict[str, float]]
+    preempted: bool = False
+
+
+def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, train_steps: int,
+          optimizer: Optimizer, partitioner: Partitioner,
+          checkpoint: ckpt.CheckpointConfig = ckpt.CheckpointConfig(),
+          eval_dataset: Optional[DatasetConfig] = None, eval_every: int = 0, eval_steps: int = 20,
+          log_every: int = 50, num_microbatches: int = 1, seed: int = 0,
+          initial_checkpoint_path: Optional[str] = None,
+          input_stage_factory: Optional[StageFactory] = None,
+          max_consecutive_nonfinite: int = 20,
+          peak_flops_per_device: Optional[float] = None) -> TrainResult:
+    """Trains to `train_steps`, resuming from MODEL_DIR/checkpoints when it has a checkpoint."""
+    run = _Run.setup(**locals())
+    state, stage, result = run.state, run.stage, TrainResult(run.state, [], [])
+    step = int(jax.device_get(state.step))
+    batch = stage.start_next().result() if step < train_steps else None
+    window, tick = [], time.time()
+    with _preemption_flag() as preempted:
+        while step < train_steps:
+            data_state = stage.get_state()  # position of the first batch not yet trained on
+            pending = stage.start_next() if step + 1 < train_steps else None  # t+1 first
+            state, step_metrics = run.train_step(state, batch)  # async dispatch
+            step += 1
+            window.append(step_metrics)
+            batch = pending.result() if pending is not None else None
+            stop = preempted(step)
+            if step % log_every == 0 or step == train_steps or stop:
+                result.train_metrics.append(run.log_window(step, window, time.time() - tick))
+                window, tick = [], time.time()
+            if run.checkpointer.should_save(step) or step == train_steps or stop:
+                run.checkpointer.save(state, data_state)
+            if eval_every and (step % eval_every == 0 or step == train_steps):
+                result.eval_metrics.append(run.evaluate(state.params, step))
+                tick = time.time()
+            if stop:
+                print(f"preempted: saved step {step}; rerun the same command to resume.",
+                      flush=True)
+                result.preempted = True
+                break
+    run.close()
+    result.state = state
+    return result
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    state: ts.TrainState
+    stage: InputStage
+    train_step: Callable
+    checkpointer: ckpt.Checkpointer
+    logger: metrics_lib.MetricsLogger
+    evaluate: Callable[[Any, int], Dict[str, float]]
+    max_consecutive_nonfinite: int
+
+    @classmethod
+    def setup(cls, *, model, model_dir, train_dataset, train_steps, optimizer, partitioner,
+              checkpoint, eval_dataset, eval_every, eval_steps, log_every, num_microbatches,
+              seed, initial_checkpoint_path, input_stage_factory, max_consecutive_nonfinite,
+              peak_flops_per_device) -> "_Run":
+        if train_steps <= 0 or log_every <= 0:
+            raise UserError(f"TRAIN_STEPS={train_steps} and log_every={log_every} must be > 0.")
+        os.makedirs(model_dir, exist_ok=True)
+        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+              f"{jax.process_count()} process(es); mesh {partitioner.mesh_sizes}", flush=True)
+        partitioner.data_layout(train_dataset.batch_size, num_microbatches)  # validate early
+        abstract = ts.abstract_state(model, optimizer)
+        shardings = ts.state_shardings(partitioner, model, abstract)
+        checkpointer = ckpt.Checkpointer(os.path.join(model_dir, ckpt.CHECKPOINTS_SUBDIR),
+                                         checkpoint, model_config=_model_config(model))
+        state, data_state = _initial_state(model, optimizer, partitioner, abstract, shardings,
+                                           checkpointer, initial_checkpoint_path, seed)
+        factory = input_stage_factory or PipelineInputStage.from_config
+        stage = factory(train_dataset, partitioner, num_microbatches)
+        if data_state is not None:
+            stage.set_state(data_state)
+        train_step = steps_lib.make_train_step(model, optimizer, partitioner, shardings,
+                                               num_microbatches)
+        batch_shapes = {k: (train_dataset.batch_size, n) for k, n in _lengths(train_dataset)}
+        flops = metrics_lib.train_flops_per_step(abstract.params, batch_shapes)
+        tokens = sum(int(np.prod(s)) for k, s in batch_shapes.items())
+        logger = metrics_lib.MetricsLogger(model_dir, train_steps, tokens, flops,
+                                           metrics_lib.peak_flops(peak_flops_per_device))
+        print(f"model: {metrics_lib.count_params(abstract.params):,} params; "
+              f"batch {train_dataset.batch_size}; {tokens:,} tokens/step", flush=True)
+        evaluate = _make_evaluator(model, partitioner, shardings.params, eval_dataset,
+                                   eval_steps, logger) if eval_every else None
+        return cls(state, stage, train_step, checkpointer, logger, evaluate,
+                   max_consecutive_nonfinite)
+
+    def log_window(self, step: int, window: List[Dict[str, jax.Array]],
+                   seconds: float) -> Dict[str, float]:
+        """The only per-window host sync: fetch the window's metrics, print and write them."""
+        fetched = jax.device_get(window)
+        summed = {k: float(sum(m[k] for m in fetched))
+                  for k in ("loss_sum", *steps_lib.AUX_KEYS, "nonfinite")}
+        summed["grad_norm"] = float(fetched[-1]["grad_norm"])
+        summed["learning_rate"] = float(fetched[-1]["learning_rate"])
+        scalars = self.logger.log_train(step, summed, len(window), seconds)
+        worst = max(int(m["nonfinite_consecutive"]) for m in fetched)
+        if worst >= self.max_consecutive_nonfinite:
+            raise TrainingDiverged(
+                    f"stopped at step {step}: {worst} consecutive steps had a non-finite loss or "
+                    "gradient (their updates were skipped); lower the learning rate or check "
+                    f"the data. Checkpoints: {self.checkpointer.directory}")
+        return {"step": step, **scalars}
+
+    def close(self):
+        self.stage.close()
+        self.checkpointer.close()
+        self.logger.close()
+
+
+def _initial_state(model, optimizer, partitioner, abstract, shardings, checkpointer,
+                   initial_checkpoint_path, seed):
+    """Resume from the run's own checkpoint if any; else params from an initial checkpoint;
+    else fresh params. Returns (state, data state or None)."""
+    restored = checkpointer.restore_latest(abstract, shardings)
+    if restored is not None:
+        state, data_state = restored
+        print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
+        if data_state is None:
+            print("WARNING: no input pipeline state in the checkpoint; data restarts.")
+        return state, data_state
+    if initial_checkpoint_path:
+        params = ckpt.load_params(initial_checkpoint_path, shardings.params, abstract.params)
+        print(f"initialised params from {ckpt.resolve_step_dir(initial_checkpoint_path)}",
+              flush=True)
+        return ts.state_from_params(params, optimizer, partitioner, shardings, seed), None
+    return ts.init_state(model, optimizer, partitioner, shardings, seed), None
+
+
+def _model_config(model: BaseModel) -> Optional[dict]:
+    config = getattr(model, "config", None)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+
+
+def _lengths(cfg: DatasetConfig):
+    lengths = dict(cfg.task_feature_lengths)
+    return [("encoder_input_tokens", lengths.get("inputs", 0)),
+            ("decoder_target_tokens", lengths.get("targets", 0))]
+
+
+def _make_evaluator(model, partitioner, param_shardings, cfg: Optional[DatasetConfig],
+                    eval_steps: int, logger: metrics_lib.MetricsLogger):
+    """Eval over a fixed set of `eval_steps` batches (read once, kept on the host)."""
+    if cfg is None:
+        raise UserError("eval_every is set but there is no eval_dataset; bind "
+                        "train.eval_dataset or set train.eval_every = 0.")
+    cache: List[Dict[str, np.ndarray]] = []
+    step_fn = steps_lib.make_eval_step(model, partitioner, param_shardings)
+
+    def evaluate(params, step: int) -> Dict[str, float]:
+        if not cache:
+            cache.extend(b for b, _, _ in host_batches(cfg, partitioner, eval_steps,
+                                                        repeat=True))
+        sums = None
+        for host_batch in cache:
+            out = step_fn(params, partitioner.make_global_batch(host_batch))
+            sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+        summed = {k: float(v) for k, v in jax.device_get(sums).items()}
+        return {"step": step, **logger.log_eval(step, summed, len(cache))}
+
+    return evaluate
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+    """Yields `preempted(step) -> bool`: SIGTERM was received (by any host, when the JAX
+    distributed service is up; hosts then agree on the step)."""
+    received = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
+
+    def preempted(step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils  # pylint: disable=C0415
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except Exception:  # pylint: disable=broad-except
+                pass
+        return received.is_set()
+
+    try:
+        yield preempted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def evaluate(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
+             partitioner: Partitioner, num_batches: Optional[int] = None,
+             model_dir: Optional[str] = None) -> Dict[str, float]:
+    """Loss and accuracy of a checkpoint over a split (all of it when num_batches is None)."""
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
+    params = ckpt.load_params(checkpoint_path, shardings, abstract)
+    step_fn = steps_lib.make_eval_step(model, partitioner, shardings)
+    logger = metrics_lib.MetricsLogger(model_dir, 0, 0, 0.0, float("nan"))
+    sums, count = None, 0
+    for _, batch, _ in host_batches(dataset, partitioner, num_batches, repeat=False):
+        out = step_fn(params, batch)
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+        count += 1
+    if sums is None:
+        raise UserError(f"split {dataset.split!r} of {dataset.mixture_or_task_name!r} is empty.")
+    summed = {k: float(v) for k, v in jax.device_get(sums).items()}
+    step = _checkpoint_step(checkpoint_path)
+    scalars = logger.log_eval(step, summed, count, name=f"eval_{dataset.split}")
+    logger.close()
+    return scalars
+
+
+def _checkpoint_step(checkpoint_path: str) -> int:
+    name = os.path.basename(ckpt.resolve_step_dir(checkpoint_path))
+    return int(name) if name.isdigit() else 0

@@ -1,0 +1,390 @@
+"""T5 network, losses and EncoderDecoderModel: parity with transformers' PyTorch T5 on the
+same weights, cached vs full decoding, packing, losses, dropout, dtypes, remat, sharding
+annotations and the gin model files."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from ssr_jax.models import losses
+from ssr_jax.models.base import DecodeConfig, LossConfig
+from ssr_jax.models.config import T5Config
+from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+
+LOGICAL = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
+
+# Small but exercising: encoder depth != decoder depth, sequences longer than max_distance
+# so the log-spaced relative-position buckets are used.
+TINY = T5Config(vocab_size=64, d_model=32, num_heads=4, d_kv=8, d_ff=48, num_encoder_layers=3,
+                num_decoder_layers=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=20, dropout_rate=0.0)
+
+
+_JITTED = {}
+
+
+def jitted(config: T5Config, name: str, loss: LossConfig = LossConfig()):
+    """One jitted model method per (config, name): tests share compilations."""
+    key = (config, name, loss)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(getattr(EncoderDecoderModel(config, loss), name))
+    return _JITTED[key]
+
+
+def random_params(config: T5Config, seed: int = 0):
+    """Random params of the right shapes with sane scales, without compiling an init."""
+    rng = np.random.RandomState(seed)
+
+    def draw(s):
+        if len(s.shape) == 1:
+            return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+        return (rng.standard_normal(s.shape) / math.sqrt(s.shape[0])).astype(np.float32)
+    params = jax.tree.map(draw, EncoderDecoderModel(config).param_shapes())
+    params["token_embedder"]["embedding"] *= math.sqrt(config.vocab_size)  # std ~1
+    return params
+
+
+def padded_batch(seed=0, batch=3, enc_len=30, dec_len=25, vocab=64):
+    """Random tokens with right padding (row 0 full length)."""
+    rng = np.random.RandomState(seed)
+    enc = rng.randint(2, vocab, size=(batch, enc_len))
+    targets = rng.randint(2, vocab, size=(batch, dec_len))
+    for b in range(1, batch):
+        enc[b, enc_len - 7 * b:] = 0
+        targets[b, dec_len - 6 * b:] = 0
+    dec_in = np.concatenate([np.zeros((batch, 1), int), targets[:, :-1]], axis=1)
+    dec_in[targets == 0] = 0
+    return {"encoder_input_tokens": jnp.asarray(enc, jnp.int32),
+            "decoder_input_tokens": jnp.asarray(dec_in, jnp.int32),
+            "decoder_target_tokens": jnp.asarray(targets, jnp.int32),
+            "decoder_loss_weights": jnp.asarray(targets > 0, jnp.int32)}
+
+
+# --- parity with transformers -----------------------------------------------------------------
+@pytest.fixture(scope="module", params=["t5_1_0", "t5_1_1"])
+def hf_pair(request, tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ssr_jax.hf import import_hf
+    v11 = request.param == "t5_1_1"
+    torch.manual_seed(0)
+    hf_config = transformers.T5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            dropout_rate=0.0, feed_forward_proj="gated-gelu" if v11 else "relu",
+            tie_word_embeddings=not v11, decoder_start_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name:  # default init is all ones: make the scales matter
+                p.normal_(1.0, 0.1)
+            elif "relative_attention_bias" in name:
+                p.normal_(0.0, 1.0)
+        if v11:  # transformers 5 ties in memory; T5 1.1 has its own output layer
+            hf.lm_head.weight = torch.nn.Parameter(torch.randn(64, 32) * 32 ** -0.5)
+    out = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(out)
+    params, config = import_hf(out)
+    return hf, params, config
+
+
+def test_imported_config_matches_hf(hf_pair):
+    hf, _, config = hf_pair
+    v11 = hf.config.feed_forward_proj == "gated-gelu"
+    assert config.tie_word_embeddings == (not v11)
+    assert (config.num_encoder_layers, config.num_decoder_layers) == (3, 2)
+    assert config.feed_forward_proj == hf.config.feed_forward_proj
+
+
+def test_logits_match_transformers(hf_pair):
+    import torch
+    hf, params, config = hf_pair
+    batch = padded_batch()
+    with torch.no_grad():
+        enc = torch.tensor(np.asarray(batch["encoder_input_tokens"]), dtype=torch.long)
+        ref = hf(input_ids=enc, attention_mask=(enc != 0).long(),
+                 decoder_input_ids=torch.tensor(np.asarray(batch["decoder_input_tokens"]),
+                                                dtype=torch.long)).logits.numpy()
+    model = EncoderDecoderModel(config)
+    ours = np.asarray(jax.jit(model.logits)(params, batch))
+    assert ours.dtype == np.float32
+    assert np.abs(ref).max() > 1.0  # not trivially small
+    np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
+
+
+def test_greedy_matches_transformers_generate(hf_pair):
+    import torch
+    hf, params, config = hf_pair
+    batch = padded_batch(seed=1)
+    enc = torch.tensor(np.asarray(batch["encoder_input_tokens"]), dtype=torch.long)
+    max_len = 12
+    with torch.no_grad():
+        ref = hf.generate(input_ids=enc, attention_mask=(enc != 0).long(), do_sample=False,
+                          num_beams=1, max_new_tokens=max_len).numpy()[:, 1:]
+    ref = np.pad(ref, ((0, 0), (0, max_len - ref.shape[1])))
+    model = EncoderDecoderModel(config)
+    tokens, _ = model.predict_batch(params, batch, DecodeConfig(max_decode_length=max_len))
+    np.testing.assert_array_equal(np.asarray(tokens), ref)
+
+
+def test_cached_decoder_matches_full_decoder(hf_pair):
+    _, params, config = hf_pair
+    model = EncoderDecoderModel(config)
+    batch = padded_batch(seed=2)
+    dec_in = batch["decoder_input_tokens"]
+    length = dec_in.shape[1]
+
+    @jax.jit
+    def cached_logits(params, enc, dec_in):
+        m = model.module(params)
+        state = m.init_decode_state(enc, length)
+
+        def step(cache, inputs):
+            t, tokens = inputs
+            logits, cache = m.decode_step(tokens, cache, state["cross_kv"],
+                                          state["cross_bias"], t)
+            return cache, logits
+        _, out = jax.lax.scan(step, state["cache"], (jnp.arange(length), dec_in.T))
+        return jnp.swapaxes(out, 0, 1)
+
+    full = np.asarray(jax.jit(model.logits)(params, batch))
+    cached = np.asarray(cached_logits(params, batch["encoder_input_tokens"], dec_in))
+    np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
+
+
+# --- our own model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return EncoderDecoderModel(TINY), random_params(TINY)
+
+
+def test_init_shapes_axes_and_scales():
+    config = dataclasses.replace(TINY, vocab_size=256, d_model=64, d_ff=128,
+                                 num_encoder_layers=1, num_decoder_layers=1)
+    model = EncoderDecoderModel(config)
+    params = model.init(jax.random.PRNGKey(0))
+    again = model.init(jax.random.PRNGKey(0))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+    axes = model.param_logical_axes()
+    assert jax.tree.structure(axes) == jax.tree.structure(params)
+    for spec, p in zip(jax.tree.leaves(axes), jax.tree.leaves(params)):
+        assert isinstance(spec, PartitionSpec) and len(spec) == p.ndim
+        assert set(spec) <= LOGICAL
+        assert p.dtype == jnp.float32
+    # T5 initialisation: embedding std 1, query folded 1/sqrt(d_kv), others fan-in.
+    emb = params["token_embedder"]["embedding"]
+    q = params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+    k = params["encoder"]["layers_0"]["attention"]["key"]["kernel"]
+    assert abs(float(jnp.std(emb)) - 1.0) < 0.05
+    assert abs(float(jnp.std(q)) * math.sqrt(64 * 8) - 1.0) < 0.15
+    assert abs(float(jnp.std(k)) * math.sqrt(64) - 1.0) < 0.15
+    assert "logits_dense" in params["decoder"]
+    tied = EncoderDecoderModel(dataclasses.replace(config, tie_word_embeddings=True))
+    assert "logits_dense" not in tied.param_shapes()["decoder"]
+
+
+def test_packed_equals_separate(tiny):
+    model, params = tiny
+    rng = np.random.RandomState(3)
+    enc_a, enc_b = rng.randint(2, 64, 11), rng.randint(2, 64, 17)
+    tgt_a, tgt_b = rng.randint(2, 64, 9), rng.randint(2, 64, 13)
+
+    def shift(t):
+        return np.concatenate([[0], t[:-1]])
+
+    def row(parts, length):
+        return np.pad(np.concatenate(parts), (0, length - sum(len(p) for p in parts)))
+    packed = {
+            "encoder_input_tokens": row([enc_a, enc_b], 32),
+            "encoder_segment_ids": row([np.full(11, 1), np.full(17, 2)], 32),
+            "encoder_positions": row([np.arange(11), np.arange(17)], 32),
+            "decoder_input_tokens": row([shift(tgt_a), shift(tgt_b)], 24),
+            "decoder_target_tokens": row([tgt_a, tgt_b], 24),
+            "decoder_segment_ids": row([np.full(9, 1), np.full(13, 2)], 24),
+            "decoder_positions": row([np.arange(9), np.arange(13)], 24),
+    }
+    packed = {k: jnp.asarray(v[None], jnp.int32) for k, v in packed.items()}
+    separate = {
+            "encoder_input_tokens": np.stack([np.pad(enc_a, (0, 6)), enc_b]),
+            "decoder_input_tokens": np.stack([np.pad(shift(tgt_a), (0, 4)), shift(tgt_b)]),
+            "decoder_target_tokens": np.stack([np.pad(tgt_a, (0, 4)), tgt_b]),
+    }
+    separate = {k: jnp.asarray(v, jnp.int32) for k, v in separate.items()}
+    logits_fn = jitted(TINY, "logits")
+    p, s = np.asarray(logits_fn(params, packed))[0], np.asarray(logits_fn(params, separate))
+    np.testing.assert_allclose(p[:9], s[0, :9], atol=1e-5)
+    np.testing.assert_allclose(p[9:22], s[1, :13], atol=1e-5)
+
+
+def _manual_losses(logits, targets, weights, z_loss, label_smoothing):
+    logits = np.asarray(logits, np.float64)
+    vocab = logits.shape[-1]
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = logits - lse[..., None]
+    low = label_smoothing / (vocab - 1)
+    soft = np.full(logits.shape, low)
+    np.put_along_axis(soft, targets[..., None], 1.0 - label_smoothing, axis=-1)
+    entropy = -np.sum(soft * np.log(soft), axis=-1)  # minimum of the smoothed loss
+    ce = -np.sum(soft * logp, axis=-1) - entropy
+    z = z_loss * lse ** 2
+    correct = (logits.argmax(-1) == targets)
+    w = np.asarray(weights, np.float64)
+    return {"cross_ent_sum": (ce * w).sum(), "z_loss_sum": (z * w).sum(),
+            "weight_sum": w.sum(), "correct_sum": (correct * w).sum(),
+            "loss_sum": ((ce + z) * w).sum()}
+
+
+def test_loss_fn_matches_manual(tiny):
+    _, params = tiny
+    loss = LossConfig(z_loss=1e-3, label_smoothing=0.1)
+    model = EncoderDecoderModel(TINY, loss)
+    batch = padded_batch(seed=4)
+    # Weights differ from the pad mask on purpose: the loss must follow the weights.
+    weights = np.asarray(batch["decoder_loss_weights"]).copy()
+    weights[0, :3] = 0
+    batch["decoder_loss_weights"] = jnp.asarray(weights)
+    loss_sum, aux = jitted(TINY, "loss_fn", loss)(params, batch, None)
+    logits = np.asarray(jitted(TINY, "logits")(params, batch))
+    want = _manual_losses(logits, np.asarray(batch["decoder_target_tokens"]), weights, 1e-3, 0.1)
+    for key, value in want.items():
+        np.testing.assert_allclose(float(aux[key]), value, rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(float(loss_sum), want["loss_sum"], rtol=2e-5)
+    eval_aux = jax.eval_shape(model.eval_fn, params, batch)
+    assert set(eval_aux) == set(aux) and all(v.shape == () for v in eval_aux.values())
+
+
+def test_loss_gradient_and_minimum():
+    rng = np.random.RandomState(5)
+    logits = jnp.asarray(rng.standard_normal((4, 7, 11)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 11, (4, 7)))
+    weights = jnp.asarray(rng.rand(4, 7) > 0.3, jnp.float32)
+
+    def naive(lg, ls, z):
+        logp = jax.nn.log_softmax(lg)
+        soft = jax.nn.one_hot(targets, 11) * (1 - ls - ls / 10) + ls / 10
+        lse = jax.nn.logsumexp(lg, axis=-1)
+        return jnp.sum(weights * (-jnp.sum(soft * logp, -1) + z * lse ** 2))
+
+    def ours(lg, ls, z):
+        return losses.summed_metrics(lg, targets, weights, z, ls)[0]
+    for ls, z in ((0.0, 0.0), (0.3, 1e-2)):
+        g_ours = jax.grad(ours)(logits, ls, z)
+        g_naive = jax.grad(naive)(logits, ls, z)
+        np.testing.assert_allclose(g_ours, g_naive, atol=1e-5)
+    # With label smoothing the loss is 0 exactly at the soft-target distribution.
+    ls = 0.2
+    soft = jax.nn.one_hot(targets, 11) * (1 - ls - ls / 10) + ls / 10
+    ce, _ = losses.token_losses(jnp.log(soft), targets, 0.0, ls)
+    np.testing.assert_allclose(ce, 0.0, atol=1e-5)
+    assert float(jnp.min(losses.token_losses(logits, targets, 0.0, ls)[0])) > 0
+
+
+def test_dropout_is_random_in_rng_and_off_without(tiny):
+    _, params = tiny
+    config = dataclasses.replace(TINY, dropout_rate=0.2)
+    batch = padded_batch(seed=6)
+    fn = jitted(config, "loss_fn")
+    a = float(fn(params, batch, jax.random.PRNGKey(1))[0])
+    a2 = float(fn(params, batch, jax.random.PRNGKey(1))[0])
+    b = float(fn(params, batch, jax.random.PRNGKey(2))[0])
+    det = float(jitted(TINY, "loss_fn")(params, batch, None)[0])
+    assert a == a2 and a != b and a != det
+    # Without an rng the dropout model is the deterministic one.
+    model = EncoderDecoderModel(config)
+    shapes = jax.eval_shape(model.loss_fn, params, batch, None)
+    assert shapes[0].shape == ()
+
+
+def test_bfloat16_activations(tiny):
+    _, params = tiny
+    batch = padded_batch(seed=7)
+    config16 = dataclasses.replace(TINY, dtype="bfloat16")
+    logits16 = jitted(config16, "logits")(params, batch)
+    assert logits16.dtype == jnp.bfloat16
+    logits32 = jitted(TINY, "logits")(params, batch)
+    err = jnp.abs(logits16.astype(jnp.float32) - logits32)
+    assert float(jnp.max(err)) < 0.1 * float(jnp.max(jnp.abs(logits32)))
+    # Params and their gradients stay fp32; the loss is fp32.
+    model16 = EncoderDecoderModel(config16)
+    loss, grads = jax.eval_shape(
+            jax.value_and_grad(lambda p: model16.loss_fn(p, batch, None)[0]), params)
+    assert loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_remat_full_checkpoints_each_layer(tiny):
+    _, params = tiny
+    batch = padded_batch(seed=8)
+
+    def grad_jaxpr(config):
+        model = EncoderDecoderModel(config)
+        return str(jax.make_jaxpr(jax.grad(lambda p: model.loss_fn(p, batch, None)[0]))(params))
+    plain = grad_jaxpr(TINY)
+    remat = grad_jaxpr(dataclasses.replace(TINY, remat_policy="full"))
+    n_layers = TINY.num_encoder_layers + TINY.num_decoder_layers
+    assert plain.count("checkpoint[") + plain.count("remat[") == 0
+    assert remat.count("checkpoint[") + remat.count("remat[") >= n_layers
+    with pytest.raises(ValueError, match="remat_policy"):
+        EncoderDecoderModel(dataclasses.replace(TINY, remat_policy="sometimes"))
+
+
+def test_activation_constraints_only_under_rules(tiny):
+    model, params = tiny
+    batch = padded_batch(seed=9, batch=4)
+    fn = lambda p, b: model.loss_fn(p, b, None)[0]  # noqa: E731
+    want = float(jitted(TINY, "loss_fn")(params, batch, None)[0])
+    plain = jax.jit(fn).lower(params, batch).as_text()
+    assert "sharding_constraint" not in plain and "mhlo.sharding" not in plain
+    devices = np.asarray(jax.devices()[:8]).reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", "model"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = (("batch", "data"), ("heads", "model"), ("joined_kv", "model"), ("mlp", "model"),
+             ("vocab", "model"), ("embed", None), ("length", None), ("kv", None))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        lowered = jax.jit(fn).lower(params, batch)
+        value = jax.jit(fn)(params, batch)
+    text = lowered.as_text()
+    assert text.count("sharding") > 10
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)
+
+
+# --- gin model files --------------------------------------------------------------------------
+# Published T5 sizes (d_model, heads, d_kv, d_ff, enc layers, dec layers).
+PUBLISHED = {
+        "t5_1_1/small": (512, 6, 64, 1024, 8, 8), "t5_1_1/base": (768, 12, 64, 2048, 12, 12),
+        "t5_1_1/large": (1024, 16, 64, 2816, 24, 24), "t5_1_1/xl": (2048, 32, 64, 5120, 24, 24),
+        "t5_1_1/xxl": (4096, 64, 64, 10240, 24, 24), "t5_1_1/tiny": (128, 4, 32, 256, 2, 2),
+        "t5_1_0/small": (512, 8, 64, 2048, 6, 6), "t5_1_0/base": (768, 12, 64, 3072, 12, 12),
+        "t5_1_0/large": (1024, 16, 64, 4096, 24, 24),
+}
+
+
+def test_gin_model_files():
+    import os
+
+    import gin
+    from ssr_jax.hf.cli import t5config_from_gin
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin",
+                        "models")
+    try:
+        for name, sizes in PUBLISHED.items():
+            c = t5config_from_gin(os.path.join(root, name + ".gin"))
+            got = (c.d_model, c.num_heads, c.d_kv, c.d_ff, c.num_encoder_layers,
+                   c.num_decoder_layers)
+            assert got == sizes, name
+            v11 = name.startswith("t5_1_1")
+            assert c.feed_forward_proj == ("gated-gelu" if v11 else "relu")
+            assert c.tie_word_embeddings == (not v11)
+            assert (c.vocab_size, c.relative_attention_num_buckets,
+                    c.relative_attention_max_distance) == (32128, 32, 128)
+        # Unscoped bindings reach every scope.
+        c = t5config_from_gin(os.path.join(root, "t5_1_1/base.gin"),
+                              ["T5Config.dtype = 'bfloat16'"])
+        assert c.dtype == "bfloat16" and c.d_model == 768
+    finally:
+        gin.clear_config()

@@ -1,0 +1,309 @@
+"""SSR mask (statistics, layout), rewrite (layout, fallbacks, losslessness), lengths."""
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from ssr_jax.data import ssr_preprocessors as sp  # noqa: E402
+
+VS = 4100  # vocabulary size with 100 extra ids
+EOS = 1
+
+
+def X(k):
+    """<extra_id_k>"""
+    return VS - 1 - k
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    import tasks
+    return tasks.default_vocabulary()
+
+
+@pytest.fixture(scope="module")
+def masked_batch():
+    """1000 paper-scheme masks of a 92-token segment (the 128/32 raw length)."""
+    config = sp.SsrMaskConfig()
+    lengths = sp.ssr_lengths(128, 32, config)
+    n = lengths.raw_length
+
+    def one(i):
+        seed = tf.stack([tf.cast(i, tf.int32), 17])
+        ids = sp.paper_span_ids(n, seed, config, lengths)
+        out = sp.apply_span_ids(tf.range(10, 10 + n), ids, VS)
+        return ids, out
+
+    ds = tf.data.Dataset.range(1000).map(one, num_parallel_calls=2)
+    return lengths, list(ds.as_numpy_iterator())
+
+
+def runs(span_ids):
+    """[(span id, start, length)] of the spans in a span-id row."""
+    out = []
+    for i, s in enumerate(span_ids.tolist()):
+        if s and (not out or out[-1][0] != s or out[-1][1] + out[-1][2] != i):
+            out.append([s, i, 1])
+        elif s:
+            out[-1][2] += 1
+    return out
+
+
+def test_lengths_plan():
+    lengths = sp.ssr_lengths(128, 32)
+    assert lengths.raw_length == 92 and lengths.max_spans == 99
+    assert sp.ssr_lengths(512, 114).raw_length == 370
+    # t5 scheme: the largest N whose student input with a full fill budget (2 per masked
+    # token) fits: N - M + 2M + 2n + 1 <= 128, with M, n from T5's counts.
+    from ssr_jax.data.span_corruption import noise_counts
+
+    def student(n_raw):
+        m, n = noise_counts(n_raw)
+        return n_raw - m + 2 * m + 2 * n + 1
+
+    t5 = sp.ssr_lengths(128, 32, sp.SsrMaskConfig(scheme="t5"))
+    assert student(t5.raw_length) <= 128 < student(t5.raw_length + 1)
+    assert sum(noise_counts(t5.raw_length)) + 1 <= 32
+
+
+def test_mask_statistics(masked_batch):
+    lengths, examples = masked_batch
+    n = lengths.raw_length
+    span_counts, span_lengths = [], []
+    for ids, out in examples:
+        spans = runs(ids)
+        # Spans are numbered 1.. left to right, never overlap nor touch.
+        assert [s[0] for s in spans] == list(range(1, len(spans) + 1))
+        for a, b in zip(spans, spans[1:]):
+            assert a[1] + a[2] < b[1], "spans touch or overlap"
+        span_counts.append(len(spans))
+        span_lengths += [s[2] for s in spans]
+        assert out["num_spans"] == len(spans)
+        assert out["masked_length"] == sum(s[2] for s in spans)
+        # Budgets: the student target and the empty-fill student input fit.
+        assert out["masked_length"] + len(spans) + 1 <= lengths.targets_length
+        assert n - out["masked_length"] + 2 * len(spans) + 1 <= lengths.inputs_length
+        assert 1 <= len(spans) <= round(0.075 * n) + 1
+    start_rate = np.mean(span_counts) / n
+    assert 0.065 < start_rate < 0.08, start_rate
+    # Lengths follow max(1, Poisson(3)) (slightly shortened by the budgets).
+    pmf = {k: math.exp(-3) * 3 ** k / math.factorial(k) for k in range(30)}
+    ref = {1: pmf[0] + pmf[1], **{k: pmf[k] for k in range(2, 30)}}
+    hist = np.bincount(span_lengths, minlength=30)[:30] / len(span_lengths)
+    tv = 0.5 * sum(abs(hist[k] - ref.get(k, 0.0)) for k in range(1, 30))
+    assert tv < 0.08, (tv, hist[:10])
+    assert 2.6 < np.mean(span_lengths) < 3.2
+    masked = np.mean([out["masked_length"] for _, out in examples]) / n
+    assert 0.17 < masked < 0.26  # the paper: about 20-25% of tokens
+
+
+def test_mask_layout(masked_batch):
+    _, examples = masked_batch
+    for ids, out in examples[:50]:
+        tokens = np.arange(10, 10 + ids.shape[0])
+        teacher, target = out["inputs"].tolist(), out["targets"].tolist()
+        spans = runs(ids)
+        expected_teacher, expected_target, prev = [], [], 0
+        for k, (_, start, length) in enumerate(spans):
+            expected_teacher += tokens[prev:start].tolist() + [X(k)]
+            expected_target += tokens[start:start + length].tolist() + [X(k + 1)]
+            prev = start + length
+        expected_teacher += tokens[prev:].tolist()
+        assert teacher == expected_teacher
+        assert target == expected_target
+
+
+def test_mask_is_seeded():
+    config, lengths = sp.SsrMaskConfig(), sp.ssr_lengths(128, 32)
+    a = sp.paper_span_ids(92, tf.constant([3, 4]), config, lengths).numpy()
+    b = sp.paper_span_ids(92, tf.constant([3, 4]), config, lengths).numpy()
+    c = sp.paper_span_ids(92, tf.constant([3, 5]), config, lengths).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_t5_scheme_counts():
+    config = sp.SsrMaskConfig(scheme="t5")
+    lengths = sp.ssr_lengths(128, 32, config)
+    out = sp.mask_segment(tf.range(10, 110), [tf.constant([1, 2]), tf.constant([3, 4])], VS,
+                          config, lengths)
+    assert int(out["masked_length"]) == 15 and int(out["num_spans"]) == 5
+    assert len(out["targets"].numpy()) == 15 + 5
+
+
+def design_example(vocab):
+    enc = vocab.encode
+    parts = {w: enc(w) for w in ("The", " quick brown", " fox jumps over the", " lazy", " dog",
+                                 " big red", " sleepy")}
+    return parts
+
+
+def test_rewrite_design_example(vocab):
+    p = design_example(vocab)
+    vs = vocab.vocab_size
+    x = lambda k: vs - 1 - k  # noqa: E731
+    teacher_in = p["The"] + [x(0)] + p[" fox jumps over the"] + [x(1)] + p[" dog"] + [EOS]
+    teacher_out = [x(0)] + p[" big red"] + [x(1)] + p[" sleepy"] + [x(2)]
+    target = p[" quick brown"] + [x(1)] + p[" lazy"] + [x(2)] + [EOS]
+    rows, stats = sp.rewrite_batch(np.array([teacher_in]), np.array([teacher_out]), vs,
+                                   targets=np.array([target]))
+    assert vocab.decode(rows[0].tolist()) == ("The <extra_id_0> big red <extra_id_1> fox jumps "
+                                              "over the <extra_id_1> sleepy <extra_id_2> dog")
+    assert rows[0][-1] == EOS
+    assert (stats.spans, stats.valid_fills, stats.fallbacks, stats.exact_copies) == (2, 2, 0, 0)
+    assert stats.original_lengths == [len(p[" quick brown"]), len(p[" lazy"])]
+    spaced = re.sub(r"\s*(<extra_id_\d+>)\s*", r" \1 ", vocab.decode(target[:-1])).split()
+    assert spaced == "quick brown <extra_id_1> lazy <extra_id_2>".split()
+
+
+# teacher input: a <x0> b <x1> c <x2> d EOS   (context ids 5..8, fills 20..)
+TIN = [5, X(0), 6, X(1), 7, X(2), 8, EOS]
+
+
+def rewrite_one(teacher_out, **kw):
+    rows, stats = sp.rewrite_batch(np.array([TIN]), np.array([teacher_out + [0, 0]]), VS, **kw)
+    return rows[0].tolist(), stats
+
+
+def student(f0, f1, f2):
+    return [5, X(0)] + f0 + [X(1), 6, X(1)] + f1 + [X(2), 7, X(2)] + f2 + [X(3), 8, EOS]
+
+
+@pytest.mark.parametrize("teacher_out,fills,valid", [
+    ([X(0), 20, X(1), 21, 22, X(2), 23, X(3)], ([20], [21, 22], [23]), 3),  # well formed
+    ([X(0), 20, X(2), 23, X(3)], ([], [], [23]), 1),  # skipped <x1>
+    ([X(1), 21, X(0), 20, X(1)], ([20], [], []), 1),  # out of order
+    ([X(0), 20, X(1), 21, X(2), 23, 24], ([20], [21], []), 2),  # ran out of length
+    ([X(0), 20, X(1), EOS, 21, X(2)], ([20], [], []), 1),  # EOS ends the output
+    ([], ([], [], []), 0),  # nothing
+    ([20, 21, 22], ([], [], []), 0),  # no sentinel at all
+    ([X(0), X(1), 21, X(2), X(3)], ([], [21], []), 3),  # empty fills are valid
+    ([X(0), 20, X(1), X(0), 30, X(1), 21, X(2)], ([20], [21], []), 2),  # first occurrence
+])
+def test_rewrite_fallbacks(teacher_out, fills, valid):
+    row, stats = rewrite_one(teacher_out)
+    assert row == student(*fills)
+    assert stats.spans == 3 and stats.valid_fills == valid and stats.fallbacks == 3 - valid
+
+
+def test_rewrite_max_length_drops_last_fills():
+    out = [X(0), 20, 20, X(1), 21, 21, X(2), 23, 23, X(3)]
+    full, _ = rewrite_one(out)
+    row, stats = rewrite_one(out, max_length=len(full) - 1)
+    assert row == student([20, 20], [21, 21], [])
+    assert stats.truncated == 1 and len(row) <= len(full) - 1
+    row, stats = rewrite_one(out, max_length=5)  # cannot fit even empty fills: cut, EOS kept
+    assert len(row) == 5 and row[-1] == EOS and stats.overlong_inputs == 1
+
+
+def test_rewrite_pads_and_counts_copies():
+    target = [30, X(1), 31, 32, X(2), 33, X(3), EOS]
+    out = [X(0), 30, X(1), 31, 99, X(2), 33, X(3)]
+    padded, stats = sp.rewrite_batch(np.array([TIN, TIN]), np.array([out, out]), VS,
+                                     targets=np.array([target, target]), pad_to=24)
+    assert padded.shape == (2, 24) and padded.dtype == np.int32
+    assert padded[0].tolist()[:len(student([30], [31, 99], [33]))] == student([30], [31, 99],
+                                                                              [33])
+    assert stats.exact_copies == 4 and stats.original_lengths == [1, 2, 1] * 2
+    assert stats.summary()["ssr/valid_fill_rate"] == 1.0
+
+
+def strip_sentinels(row, vs):
+    return [t for t in row if t < vs - 100 and t != EOS]
+
+
+def test_perfect_teacher_is_lossless(vocab):
+    import tasks.default  # noqa: F401
+    text = ("A version number consists of two or three dot-separated numeric components, "
+            "with an optional pre-release tag on the end. The pre-release tag consists of the "
+            "letter 'a' or 'b' followed by a number.")
+    tokens = vocab.encode(text)
+    vs = vocab.vocab_size
+    lengths = sp.ssr_lengths(128, 48)
+    rows_in, rows_tgt, originals = [], [], []
+    for i in range(20):
+        out = sp.mask_segment(tf.constant(tokens), [tf.constant([i, 1]), tf.constant([i, 2])],
+                              vs, sp.SsrMaskConfig(), lengths)
+        rows_in.append(out["inputs"].numpy().tolist() + [EOS])
+        rows_tgt.append(out["targets"].numpy().tolist() + [EOS])
+        # The target's spans are exactly the masked text.
+        pieces = sp.split_targets(rows_tgt[-1][:-1], vs, 100)
+        assert len(pieces) == int(out["num_spans"])
+        originals.append(pieces)
+    width = max(map(len, rows_in))
+    tin = np.array([r + [0] * (width - len(r)) for r in rows_in])
+    twidth = max(map(len, rows_tgt))
+    tgt = np.array([r + [0] * (twidth - len(r)) for r in rows_tgt])
+    teacher_out = sp.teacher_outputs_from_targets(tgt, vs)
+    rows, stats = sp.rewrite_batch(tin, teacher_out, vs, targets=tgt)
+    assert stats.fallbacks == 0 and stats.exact_copies == stats.spans
+    for row in rows:
+        restored = strip_sentinels(row.tolist(), vs)
+        assert restored == tokens
+        assert vocab.decode(restored) == vocab.decode(tokens)
+    # Teacher input + target decode back to the text when the spans are put back in place.
+    for tin_row, pieces in zip(rows_in, originals):
+        merged = []
+        for t in tin_row[:-1]:
+            merged += pieces[vs - 1 - t] if t >= vs - 100 else [t]
+        assert vocab.decode(merged) == vocab.decode(tokens)
+
+
+def test_teacher_budget_keeps_student_within_inputs_length(masked_batch):
+    lengths, examples = masked_batch
+    rng = np.random.default_rng(0)
+    tin, tout = [], []
+    for _, out in examples[:200]:
+        teacher = out["inputs"].tolist() + [EOS]
+        n, m = int(out["num_spans"]), int(out["masked_length"])
+        budget = sp.teacher_decode_lengths([len(teacher)], [n], [m], lengths.inputs_length)[0]
+        assert budget >= n + 1
+        fill_total = budget - (n + 1)
+        cuts = np.sort(rng.integers(0, fill_total + 1, size=n - 1))
+        sizes = np.diff(np.concatenate([[0], cuts, [fill_total]]))
+        gen = []
+        for k, size in enumerate(sizes):
+            gen += [X(k)] + rng.integers(3, 4000, size=size).tolist()
+        gen += [X(n)]
+        assert len(gen) == budget
+        tin.append(teacher)
+        tout.append(gen)
+    pad = lambda rows: np.array([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])  # noqa
+    rows, stats = sp.rewrite_batch(pad(tin), pad(tout), VS, max_length=lengths.inputs_length)
+    assert stats.truncated == 0 and stats.fallbacks == 0
+    for row, t, g in zip(rows, tin, tout):
+        assert len(row) == len(t) + len(g) - 1 <= lengths.inputs_length
+
+
+def test_rewrite_speed():
+    rng = np.random.default_rng(0)
+    b = 2000
+    tin = rng.integers(3, 4000, size=(b, 128))
+    tout = np.zeros((b, 40), np.int64)
+    for k in range(8):
+        tin[:, 5 + 12 * k] = X(k)
+        tout[:, 4 * k] = X(k)
+        tout[:, 4 * k + 1:4 * k + 4] = rng.integers(3, 4000, size=(b, 3))
+    tout[:, 32] = X(8)
+    tin[:, -1] = EOS
+    t0 = time.perf_counter()
+    rows, stats = sp.rewrite_batch(tin, tout, VS, pad_to=160)
+    rate = b / (time.perf_counter() - t0)
+    assert stats.valid_fills == 8 * b
+    assert rate > 5000, f"{rate:.0f} examples/s"
+
+
+def test_rewrite_preprocessor_in_tf(vocab):
+    import seqio
+    feats = {"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)}
+    vs = vocab.vocab_size
+    x = lambda k: vs - 1 - k  # noqa: E731
+    ds = tf.data.Dataset.from_tensors({
+        "inputs": tf.constant([5, x(0), 6, EOS]), "teacher_outputs": tf.constant([x(0), 9, x(1)]),
+        "targets": tf.constant([7, x(1), EOS])})
+    ex = next(iter(sp.rewrite_preprocessor(ds, feats, {"inputs": 16, "targets": 8})))
+    assert ex["inputs"].numpy().tolist() == [5, x(0), 9, x(1), 6, EOS]
