@@ -13,6 +13,8 @@ import tensorflow as tf
 from ssr_jax.data import factories, metrics
 from tasks import t5_vocabulary
 
+_SPLITS = ("train", "validation", "test")
+
 
 @seqio.map_over_dataset
 def squad_question_generation(ex):
@@ -26,13 +28,14 @@ def squad_question_generation(ex):
 if "cnn_dailymail_v3" not in seqio.TaskRegistry.names():
     factories.register_tfds_seq2seq_task(
         "cnn_dailymail_v3", "cnn_dailymail:3.4.0", "article", "highlights", t5_vocabulary(),
-        prefix="summarize: ", metric_fns=[metrics.rouge])
+        prefix="summarize: ", metric_fns=[metrics.rouge], splits=_SPLITS)
     factories.register_tfds_seq2seq_task(
         "xsum", "xsum:1.1.0", "document", "summary", t5_vocabulary(), prefix="summarize: ",
-        metric_fns=[metrics.rouge])
+        metric_fns=[metrics.rouge], splits=_SPLITS)
     seqio.TaskRegistry.add(
         "squad_question_generation",
-        source=seqio.TfdsDataSource(tfds_name="squad/v1.1:3.0.0"),
+        source=seqio.TfdsDataSource(tfds_name="squad/v1.1:3.0.0",
+                                    splits=("train", "validation")),
         output_features=factories.output_features(t5_vocabulary(), "seq2seq"),
         preprocessors=[squad_question_generation]
         + factories.objective_preprocessors("seq2seq"),

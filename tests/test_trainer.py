@@ -13,12 +13,29 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssr_jax.models.base import BaseModel
-from ssr_jax.models.config import T5Config
-from ssr_jax.models.encoder_decoder import EncoderDecoderModel
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.train import optimizers, steps, trainer
 from ssr_jax.train import train_state as ts
 from ssr_jax.train.input_stage import DatasetConfig
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the loop tests build the same programs several
+    times (each train() call jits afresh) and CPU compiles cost seconds each. The directory is
+    shared by the session (subprocess runs use it via JAX_COMPILATION_CACHE_DIR)."""
+    from jax._src import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(path), 0, 0)):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield path
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
 
 VOCAB = 64
 POISON = VOCAB - 1  # a target token that makes BigramModel's loss NaN
@@ -132,26 +149,21 @@ def run_train(model_dir, train_steps, poison_from=None, **kwargs):
 
 # --- gradient accumulation ---------------------------------------------------------------------
 def test_gradient_accumulation_over_4_microbatches_equals_full_batch():
-    model = EncoderDecoderModel(T5Config(vocab_size=128, d_model=32, num_heads=4, d_kv=8,
-                                         d_ff=64, num_encoder_layers=1, num_decoder_layers=1))
+    model = BigramModel(dropout_rate=0.0)
     rng = np.random.RandomState(0)
-    params_host = jax.tree.map(
-            lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32),
-            model.param_shapes())
     part = Partitioner({"data": 4, "model": 2})
     b, t = 16, 8
-    tgt = rng.randint(2, 126, (b, t)).astype(np.int32)
+    batch = array_batch(0, batch_size=b, length=t)
     lengths = rng.randint(1, t + 1, b)  # rows have different numbers of target tokens
     weights = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-    tgt = tgt * weights
-    batch = {"encoder_input_tokens": rng.randint(2, 126, (b, 12)).astype(np.int32),
-             "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), tgt[:, :-1]], 1),
-             "decoder_target_tokens": tgt, "decoder_loss_weights": weights}
-    shardings = part.param_shardings(model.param_shapes(), model.param_logical_axes())
-    params = jax.device_put(params_host, shardings)
+    batch["decoder_loss_weights"] = weights
+    params = {"embed": {"embedding": rng.standard_normal((VOCAB, 16)).astype(np.float32)},
+              "out": {"kernel": rng.standard_normal((16, VOCAB)).astype(np.float32) / 4}}
+    params = jax.device_put(params, part.param_shardings(params, model.param_logical_axes()))
 
     def run(m):
         fn = lambda p, x: steps.loss_and_grads(model, p, x, jax.random.PRNGKey(0), part, m)  # noqa
+        # (the key is made inside jit: an eager PRNGKey costs a compile of its own)
         with part.activation_context():
             return jax.device_get(jax.jit(fn)(params, part.make_global_batch(batch)))
 

@@ -28,6 +28,7 @@ import argparse
 import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -126,10 +127,12 @@ def split_of(text: str) -> str:
     return "validation" if digest % VALIDATION_MODULUS == 0 else "train"
 
 
+@functools.lru_cache(maxsize=2)
 def corpus_documents(stdlib: Optional[str] = None) -> Dict[str, List[Dict[str, str]]]:
     """All documents by split, in a fixed order: {'train': [...], 'validation': [...]}.
 
     Each document is {'text', 'summary', 'body', 'source'}; identical texts are kept once.
+    Cached per process (parsing the stdlib takes seconds); treat the result as read-only.
     """
     stdlib = stdlib or sysconfig.get_paths()["stdlib"]
     out = {"train": [], "validation": []}

@@ -168,13 +168,13 @@ def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns], *,
 
 def register_tfds_text_task(name: str, tfds_name: str, objective: str,
                             vocabulary: seqio.Vocabulary, *, text_key: str = "text",
-                            splits: Optional[Mapping[str, str]] = None,
+                            splits: Optional[Sequence[str]] = None,
                             tfds_data_dir: Optional[str] = None,
                             ssr_config: Optional[ssr.SsrMaskConfig] = None,
                             overwrite: bool = False) -> seqio.Task:
     """A pre-training task over a TFDS text dataset (e.g. 'c4/en:3.1.0')."""
     source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                  splits=splits)
+                                  splits=splits or ("train", "validation"))
     return register_task(name, source, objective, vocabulary, text_key=text_key,
                          ssr_config=ssr_config, overwrite=overwrite)
 
@@ -182,13 +182,13 @@ def register_tfds_text_task(name: str, tfds_name: str, objective: str,
 def register_tfds_seq2seq_task(name: str, tfds_name: str, inputs_key: str, targets_key: str,
                                vocabulary: seqio.Vocabulary, *, prefix: str = "",
                                metric_fns: Sequence[Callable] = (),
-                               splits: Optional[Mapping[str, str]] = None,
+                               splits: Optional[Sequence[str]] = None,
                                tfds_data_dir: Optional[str] = None,
                                source: Optional[seqio.DataSource] = None,
                                overwrite: bool = False) -> seqio.Task:
     """A fine-tuning task over a TFDS dataset's (inputs_key, targets_key) text features."""
     source = source or seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                            splits=splits)
+                                            splits=splits or ("train", "validation"))
     if name in seqio.TaskRegistry.names():
         if not overwrite:
             raise UserError(f"task {name!r} is already registered.")

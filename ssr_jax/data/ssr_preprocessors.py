@@ -276,13 +276,24 @@ class RewriteStats:
                 "ssr/overlong_inputs": self.overlong_inputs}
 
 
-def _row(x: np.ndarray, stop_at_eos: bool, eos_id: int) -> list:
-    """Tokens of one row up to the first pad (0), and up to the first EOS if asked."""
-    row = x.tolist()
-    for stop in ((0, eos_id) if stop_at_eos else (0,)):
-        if stop in row:
-            row = row[:row.index(stop)]
-    return row
+def _stop_lengths(x: np.ndarray, stops: Sequence[int]) -> np.ndarray:
+    """Per row, the index of the first stop token (pad 0 / EOS), or the width."""
+    hit = np.isin(x, stops)
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), x.shape[1])
+
+
+def _sentinel_positions(x: np.ndarray, lengths: np.ndarray, vocab_size: int,
+                        num_extra_ids: int) -> List[list]:
+    """Per row, the positions (< its length) of sentinel tokens, vectorised over the batch."""
+    in_row = np.arange(x.shape[1])[None, :] < lengths[:, None]
+    rows, cols = np.nonzero((x >= vocab_size - num_extra_ids) & (x < vocab_size) & in_row)
+    counts = np.bincount(rows, minlength=x.shape[0])
+    cols = cols.tolist()
+    out, start = [], 0
+    for c in counts.tolist():
+        out.append(cols[start:start + c])
+        start += c
+    return out
 
 
 def split_targets(target: Sequence[int], vocab_size: int, num_extra_ids: int) -> List[list]:
@@ -298,13 +309,17 @@ def split_targets(target: Sequence[int], vocab_size: int, num_extra_ids: int) ->
     return spans
 
 
-def parse_teacher_output(output: Sequence[int], vocab_size: int, num_extra_ids: int
-                         ) -> dict:
-    """{k: fill_k} for every well-formed fill (`<x_k> fill <x_k+1>`), first occurrence."""
-    lo = vocab_size - num_extra_ids
-    pos = [i for i, tok in enumerate(output) if lo <= tok < vocab_size]
+def parse_teacher_output(output: Sequence[int], vocab_size: int, num_extra_ids: int,
+                         positions: Optional[Sequence[int]] = None) -> dict:
+    """{k: fill_k} for every well-formed fill (`<x_k> fill <x_k+1>`), first occurrence.
+
+    output: tokens up to (excluding) EOS/pad; positions: its sentinel positions if known.
+    """
+    if positions is None:
+        lo = vocab_size - num_extra_ids
+        positions = [i for i, tok in enumerate(output) if lo <= tok < vocab_size]
     fills = {}
-    for a, b in zip(pos, pos[1:]):
+    for a, b in zip(positions, positions[1:]):
         k = vocab_size - 1 - output[a]
         if vocab_size - 1 - output[b] == k + 1 and k not in fills:
             fills[k] = list(output[a + 1:b])
@@ -335,20 +350,27 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
             teacher_inputs.shape[0] != teacher_outputs.shape[0]):
         raise ValueError(f"rewrite_batch wants [B, L] and [B, T] arrays, got "
                          f"{teacher_inputs.shape} and {teacher_outputs.shape}")
-    lo = vocab_size - num_extra_ids
     stats = RewriteStats()
     rows = []
-    is_sentinel = (teacher_inputs >= lo) & (teacher_inputs < vocab_size)
+    in_len = _stop_lengths(teacher_inputs, (0,))
+    in_pos = _sentinel_positions(teacher_inputs, in_len, vocab_size, num_extra_ids)
+    out_len = _stop_lengths(teacher_outputs, (0, eos_id))
+    out_pos = _sentinel_positions(teacher_outputs, out_len, vocab_size, num_extra_ids)
+    tin_all, tout_all = teacher_inputs.tolist(), teacher_outputs.tolist()
+    if targets is not None:
+        targets = np.asarray(targets)
+        tgt_len = _stop_lengths(targets, (0, eos_id))
+        tgt_all = targets.tolist()
     for b in range(teacher_inputs.shape[0]):
-        tin = _row(teacher_inputs[b], stop_at_eos=False, eos_id=eos_id)
+        tin = tin_all[b][:in_len[b]]
         if tin and tin[-1] == eos_id:
-            tin = tin[:-1]
-        sent_pos = [p for p in np.flatnonzero(is_sentinel[b]).tolist() if p < len(tin)]
-        fills = parse_teacher_output(_row(teacher_outputs[b], True, eos_id), vocab_size,
-                                     num_extra_ids)
+            tin.pop()
+        sent_pos = in_pos[b]
+        fills = parse_teacher_output(tout_all[b][:out_len[b]], vocab_size, num_extra_ids,
+                                     out_pos[b])
         origs = None
         if targets is not None:
-            origs = split_targets(_row(targets[b], True, eos_id), vocab_size, num_extra_ids)
+            origs = split_targets(tgt_all[b][:tgt_len[b]], vocab_size, num_extra_ids)
             stats.original_lengths.extend(len(o) for o in origs)
         ks = [vocab_size - 1 - tin[p] for p in sent_pos]
         used = [fills.get(k) for k in ks]

@@ -45,10 +45,14 @@ def t5config_from_gin(path: str, bindings: Sequence[str] = ()) -> T5Config:
     if not hasattr(ref, "scoped_configurable_fn"):
         raise UserError(f"{path}: binds no MODEL = @.../EncoderDecoderModel(); use a file "
                         "from gin/models/.")
-    model = ref.scoped_configurable_fn()
-    config = getattr(model, "config", None)
+    scope = "/".join(ref.scopes)
+    try:
+        config_ref = gin.query_parameter(f"{scope + '/' if scope else ''}{ref.selector}.config")
+        config = config_ref.scoped_configurable_fn()
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{path}: MODEL has no T5Config bound to its 'config' ({e}).") from e
     if not isinstance(config, T5Config):
-        raise UserError(f"{path}: MODEL is not an EncoderDecoderModel.")
+        raise UserError(f"{path}: MODEL.config is not a T5Config.")
     return config
 
 

@@ -30,9 +30,22 @@ class EncoderDecoderModel(BaseModel):
     def __init__(self, config: T5Config, loss: LossConfig = LossConfig()):
         self.config = config
         self.loss = loss
-        abstract = nnx.eval_shape(lambda: T5Transformer(config, nnx.Rngs(0)))
-        self._graphdef, self._template = nnx.split(abstract)
+        T5Transformer.check_config(config)
         self._predict_jit = jax.jit(self._predict, static_argnames=("decode",))
+
+    @functools.cached_property
+    def _split(self):
+        # Built on first use: tracing the module of a large model takes seconds.
+        abstract = nnx.eval_shape(lambda: T5Transformer(self.config, nnx.Rngs(0)))
+        return nnx.split(abstract)
+
+    @property
+    def _graphdef(self):
+        return self._split[0]
+
+    @property
+    def _template(self):
+        return self._split[1]
 
     # -- params ------------------------------------------------------------------------
     def init(self, rng: jax.Array) -> Params:

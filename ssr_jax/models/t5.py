@@ -224,13 +224,24 @@ class T5Transformer(nnx.Module):
     """Shared token embedding + encoder + decoder."""
 
     def __init__(self, config: T5Config, rngs: nnx.Rngs):
-        _layer_runner(config.remat_policy)  # reject unknown policies at construction
+        self.check_config(config)
         self.config = config
         self.token_embedder = Embed(config.vocab_size, config.d_model,
                                     jnp.dtype(config.dtype), jnp.dtype(config.param_dtype),
                                     rngs)
         self.encoder = Encoder(config, rngs)
         self.decoder = Decoder(config, rngs)
+
+    @staticmethod
+    def check_config(config: T5Config):
+        """Rejects settings the network cannot run, before any tracing."""
+        _layer_runner(config.remat_policy)
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(config, name))
+            except TypeError as e:
+                raise ValueError(f"T5Config.{name}={getattr(config, name)!r} is not a dtype.") \
+                    from e
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
                dropout_key=None):

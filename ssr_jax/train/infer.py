@@ -24,7 +24,7 @@ def infer(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
     import seqio  # pylint: disable=import-outside-toplevel
     import_task_module(dataset.module)
     task = seqio.get_mixture_or_task(dataset.mixture_or_task_name)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
     shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
     params = ckpt.load_params(checkpoint_path, shardings, abstract)
     dataset = _for_inference(dataset)

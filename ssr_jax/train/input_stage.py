@@ -2,21 +2,22 @@
 
 The loop runs, in its own thread and in the same order on every host:
 
-    data_state = stage.get_state()      # position of the batch that start_next() returns
+    data_state = stage.get_state()      # only before a save: position of batch t+1
     next_pending = stage.start_next()   # dispatch work for batch t+1 (e.g. a teacher model)
     state = train_step(state, batch_t)  # async
     batch_t1 = next_pending.result()
 
 so a stage that runs jax computations (online SSR teacher generation) dispatches them from
-the loop thread in a fixed order, which multi-host collectives need (docs: DESIGN.md).
-A checkpoint stores `get_state()` taken just before the unconsumed batch was started, so a
-restart replays exactly the batches not yet trained on.
+the loop thread in a fixed order, which multi-host collectives need (DESIGN.md). The state
+saved with step t+1's checkpoint is `get_state()` taken just before batch t+1 was started:
+a restart replays exactly the batches not yet trained on.
 """
+import base64
 import dataclasses
 import importlib
 import queue
 import threading
-from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import jax
 import numpy as np
@@ -56,7 +57,7 @@ class DatasetConfig:
     split: str = "train"
     batch_size: int = 32
     shuffle: bool = True
-    seed: Optional[int] = 0
+    seed: int = 0
     pack: bool = True
     use_cached: bool = False
     module: Optional[str] = "tasks"  # imported first: it registers the tasks
@@ -74,20 +75,11 @@ def make_pipeline(cfg: DatasetConfig, layout: DataLayout, repeat: bool = True):
     """The host-local InputPipeline for cfg and this host's slice of the batch."""
     import_task_module(cfg.module)
     from ssr_jax.data.pipeline import InputPipeline  # pylint: disable=import-outside-toplevel
-    kwargs = dict(split=cfg.split, task_feature_lengths=dict(cfg.task_feature_lengths),
-                  batch_size=layout.per_host_batch_size, shard_info=layout.shard_info,
-                  seed=cfg.seed, shuffle=cfg.shuffle, pack=cfg.pack, repeat=repeat)
-    if cfg.use_cached:
-        kwargs["use_cached"] = True
-    return InputPipeline(cfg.mixture_or_task_name, **kwargs)
-
-
-class _Ready:
-    def __init__(self, batch: GlobalBatch):
-        self._batch = batch
-
-    def result(self) -> GlobalBatch:
-        return self._batch
+    return InputPipeline(cfg.mixture_or_task_name, split=cfg.split,
+                         task_feature_lengths=dict(cfg.task_feature_lengths),
+                         batch_size=layout.per_host_batch_size, shard_info=layout.shard_info,
+                         seed=cfg.seed, shuffle=cfg.shuffle, pack=cfg.pack, repeat=repeat,
+                         use_cached=cfg.use_cached)
 
 
 class _FromQueue:
@@ -107,21 +99,23 @@ class _FromQueue:
 class PipelineInputStage:
     """InputPipeline batches -> global arrays, with a host-side prefetch thread.
 
-    The thread only runs the (numpy/tf.data) pipeline; global arrays are built in the loop
-    thread, so no jax computation ever starts from the thread. Each queued batch carries the
-    pipeline state after it, which is how get_state() knows the exact position.
+    The thread only runs the (tf.data + numpy) pipeline; global arrays are built in the loop
+    thread, so no jax computation ever starts from the thread.
+
+    `get_state()` is exact despite prefetching: it stops the thread, keeps the batches it had
+    prefetched (a small backlog, served first afterwards) and returns the pipeline's own
+    state after them together with the backlog itself. It costs a tf.data iterator
+    checkpoint (~0.1-1 s), so the loop calls it only when it is about to save.
     """
 
     def __init__(self, pipeline, partitioner: Partitioner, prefetch: int = 2):
         self._pipeline = pipeline
         self._partitioner = partitioner
         self._prefetch = max(1, prefetch)
-        self._state = pipeline.get_state()
+        self._backlog: List[Dict[str, np.ndarray]] = []
         self._thread: Optional[threading.Thread] = None
         self._queue: "queue.Queue" = queue.Queue(self._prefetch)
         self._stop = threading.Event()
-        self._taken_since_start = 0
-        self._started = 0
 
     @classmethod
     def from_config(cls, cfg: DatasetConfig, partitioner: Partitioner,
@@ -131,32 +125,33 @@ class PipelineInputStage:
 
     # InputStage ------------------------------------------------------------------------------
     def start_next(self) -> Pending:
-        self._started += 1
         return _FromQueue(self)
 
     def get_state(self) -> Any:
-        if self._started != self._taken_since_start:
-            raise RuntimeError("get_state() with a batch started but not taken is ambiguous.")
-        return self._state
+        self._halt()
+        return {"pipeline": self._pipeline.get_state(),
+                "backlog": [_encode_batch(b) for b in self._backlog]}
 
     def set_state(self, state: Any) -> None:
         self._halt()
-        self._pipeline.set_state(state)
-        self._state = self._pipeline.get_state()
+        self._pipeline.set_state(state["pipeline"])
+        self._backlog = [_decode_batch(b) for b in state.get("backlog", [])]
 
     def close(self) -> None:
         self._halt()
 
     # internals -------------------------------------------------------------------------------
     def _take(self) -> GlobalBatch:
-        if self._thread is None:
-            self._launch()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._thread = None
-            raise item
-        host_batch, self._state = item
-        self._taken_since_start += 1
+        if self._backlog:
+            host_batch = self._backlog.pop(0)
+        else:
+            if self._thread is None:
+                self._launch()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._thread = None
+                raise item
+            host_batch = item
         return self._partitioner.make_global_batch(host_batch)
 
     def _launch(self):
@@ -168,34 +163,42 @@ class PipelineInputStage:
 
     def _produce(self, out: "queue.Queue", stop: threading.Event):
         try:
-            it = iter(self._pipeline)
             while not stop.is_set():
-                batch = next(it)
-                item: Any = ({k: np.asarray(v) for k, v in batch.items()},
-                             self._pipeline.get_state())
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                item: Any = {k: np.asarray(v) for k, v in next(self._pipeline).items()}
+                out.put(item)  # the consumer drains the queue before it joins this thread
         except StopIteration:
             out.put(StopIteration("the input pipeline ran out of batches"))
         except BaseException as e:  # pylint: disable=broad-except
             out.put(e)
 
     def _halt(self):
-        """Stops the prefetch thread and drops its queued batches (the pipeline itself is
-        then ahead of get_state(); set_state() re-positions it)."""
+        """Stops the prefetch thread; batches it produced join the backlog (in order)."""
         if self._thread is None:
             return
         self._stop.set()
-        while self._thread.is_alive():
+        produced = []
+        while self._thread.is_alive() or not self._queue.empty():
             try:
-                self._queue.get(timeout=0.05)
+                produced.append(self._queue.get(timeout=0.05))
             except queue.Empty:
                 pass
+        self._thread.join()
         self._thread = None
+        for item in produced:
+            if isinstance(item, BaseException):
+                break  # an exhausted/failed pipeline: raised again when the backlog runs out
+            self._backlog.append(item)
+
+
+def _encode_batch(batch: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    return {k: {"dtype": str(v.dtype), "shape": list(v.shape),
+                "data": base64.b64encode(np.ascontiguousarray(v).tobytes()).decode("ascii")}
+            for k, v in batch.items()}
+
+
+def _decode_batch(encoded: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    return {k: np.frombuffer(base64.b64decode(v["data"]), v["dtype"]).reshape(v["shape"]).copy()
+            for k, v in encoded.items()}
 
 
 def host_batches(cfg: DatasetConfig, partitioner: Partitioner, num_batches: Optional[int],

@@ -44,7 +44,7 @@ def abstract_state(model: BaseModel, optimizer: Optimizer) -> TrainState:
     """Shapes and dtypes of the train state, without allocating it."""
     def make(rng):
         return TrainState.create(model.init(rng), optimizer, rng)
-    return jax.eval_shape(make, jax.random.PRNGKey(0))
+    return jax.eval_shape(lambda: make(jax.random.PRNGKey(0)))
 
 
 def state_shardings(partitioner: Partitioner, model: BaseModel,
@@ -62,19 +62,19 @@ def init_state(model: BaseModel, optimizer: Optimizer, partitioner: Partitioner,
                shardings: TrainState, seed: int) -> TrainState:
     """Fresh state created directly in its shardings (never materialised on one device).
     Params come from PRNGKey(seed); the dropout rng is an independent fold of it."""
-    def make(key):
-        params_key, dropout_key = jax.random.split(key)
+    def make(seed):
+        params_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
         return TrainState.create(model.init(params_key), optimizer, dropout_key)
     with partitioner.activation_context():
-        return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+        return jax.jit(make, out_shardings=shardings)(seed)
 
 
 def state_from_params(params: Any, optimizer: Optimizer, partitioner: Partitioner,
                       shardings: TrainState, seed: int) -> TrainState:
     """A step-0 state around given (already sharded) params, e.g. from a pretrained model."""
-    def make(p, key):
-        return TrainState.create(p, optimizer, jax.random.split(key)[1])
+    def make(p, seed):
+        return TrainState.create(p, optimizer, jax.random.split(jax.random.PRNGKey(seed))[1])
     rep = partitioner.sharding(PartitionSpec())
     with partitioner.activation_context():
         return jax.jit(make, in_shardings=(shardings.params, rep),
-                       out_shardings=shardings)(params, jax.random.PRNGKey(seed))
+                       out_shardings=shardings)(params, seed)

@@ -57,17 +57,19 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
     window, tick = [], time.time()
     with _preemption_flag() as preempted:
         while step < train_steps:
-            data_state = stage.get_state()  # position of the first batch not yet trained on
+            stop = preempted(step)
+            save = stop or run.checkpointer.should_save(step + 1) or step + 1 == train_steps
+            # The position of batch t+1, the first one a checkpoint after this step lacks.
+            data_state = stage.get_state() if save else None
             pending = stage.start_next() if step + 1 < train_steps else None  # t+1 first
             state, step_metrics = run.train_step(state, batch)  # async dispatch
             step += 1
             window.append(step_metrics)
             batch = pending.result() if pending is not None else None
-            stop = preempted(step)
             if step % log_every == 0 or step == train_steps or stop:
                 result.train_metrics.append(run.log_window(step, window, time.time() - tick))
                 window, tick = [], time.time()
-            if run.checkpointer.should_save(step) or step == train_steps or stop:
+            if save:
                 run.checkpointer.save(state, data_state)
             if eval_every and (step % eval_every == 0 or step == train_steps):
                 result.eval_metrics.append(run.evaluate(state.params, step))
@@ -234,7 +236,7 @@ def evaluate(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
              partitioner: Partitioner, num_batches: Optional[int] = None,
              model_dir: Optional[str] = None) -> Dict[str, float]:
     """Loss and accuracy of a checkpoint over a split (all of it when num_batches is None)."""
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
     shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
     params = ckpt.load_params(checkpoint_path, shardings, abstract)
     step_fn = steps_lib.make_eval_step(model, partitioner, shardings)

@@ -1,0 +1,254 @@
+"""Decoding: beam search against exhaustive search, sampling filters and reproducibility,
+per-row stopping, and the model's predict_batch end to end.
+
+Most tests drive the decoders with a synthetic step function, a small Markov model whose
+next-token logits depend on the previous token and on a state carried in the cache (so a
+beam search that reorders its cache wrongly gives wrong scores)."""
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssr_jax.models import decoding
+from ssr_jax.models.base import DecodeConfig
+from ssr_jax.models.config import T5Config
+from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+
+V, S = 6, 5  # vocab (0 = pad, 1 = EOS), cache states
+EOS = 1
+_rng = np.random.RandomState(0)
+TOKEN_LOGITS = _rng.standard_normal((V, V)).astype(np.float32) * 2.0
+STATE_LOGITS = _rng.standard_normal((S, V)).astype(np.float32) * 2.0
+ROW_LOGITS = _rng.standard_normal((64, V)).astype(np.float32)
+
+
+def make_step_fn(batch_size, repeats=1):
+    """Logits = f(prev token, cache state, row); the cache state follows the sequence."""
+    rows = jnp.repeat(jnp.arange(batch_size), repeats)
+
+    def step_fn(tokens, cache, step):
+        logits = (jnp.asarray(TOKEN_LOGITS)[tokens] + jnp.asarray(STATE_LOGITS)[cache]
+                  + jnp.asarray(ROW_LOGITS)[rows])
+        return logits, (cache * 3 + tokens + 1) % S
+    return step_fn
+
+
+def reference_logits(row, prefix):
+    """The step function's logits after `prefix`, in plain numpy."""
+    cache, prev = 0, 0
+    for tok in prefix:
+        cache, prev = (cache * 3 + prev + 1) % S, tok
+    return TOKEN_LOGITS[prev] + STATE_LOGITS[cache] + ROW_LOGITS[row]
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+def sequence_logprob(row, seq):
+    return sum(log_softmax(reference_logits(row, seq[:t]))[tok] for t, tok in enumerate(seq))
+
+
+def exhaustive_best(row, max_len, alpha, stop=-1, row_max=None):
+    row_max = row_max or max_len
+    best, best_seq = -np.inf, None
+    for length in range(1, row_max + 1):
+        for seq in itertools.product(range(V), repeat=length):
+            ends = [t in (EOS, stop) for t in seq]
+            if any(ends[:-1]) or (not ends[-1] and length < row_max):
+                continue
+            score = sequence_logprob(row, seq) / ((5 + length) / 6) ** alpha
+            if score > best:
+                best, best_seq = score, seq
+    return best, best_seq
+
+
+def run_beam(batch, beams, max_len, alpha, stop_tokens=None, max_lens=None):
+    fn = jax.jit(lambda cache, stop, lens: decoding.beam_search(
+            make_step_fn(batch, beams), cache, batch, beams, max_len, eos_id=EOS, alpha=alpha,
+            stop_tokens=stop, max_decode_lengths=lens))
+    return fn(jnp.zeros((batch * beams,), jnp.int32), stop_tokens, max_lens)
+
+
+def test_beam_search_equals_exhaustive_search():
+    # With (V-1)**(L-1) beams nothing is ever pruned, so beam search must be exact.
+    batch, max_len, alpha = 3, 4, 0.6
+    beams = (V - 1) ** (max_len - 1)
+    stop = jnp.asarray([-1, 4, -1], jnp.int32)
+    lens = jnp.asarray([4, 4, 3], jnp.int32)
+    tokens, scores = run_beam(batch, beams, max_len, alpha, stop, lens)
+    for b in range(batch):
+        want_score, want_seq = exhaustive_best(b, max_len, alpha, int(stop[b]), int(lens[b]))
+        got = [int(t) for t in tokens[b]]
+        assert got == list(want_seq) + [0] * (max_len - len(want_seq)), b
+        np.testing.assert_allclose(float(scores[b]), want_score, rtol=1e-5)
+
+
+def test_small_beam_is_valid_and_no_worse_than_greedy():
+    batch, max_len, alpha = 3, 5, 0.6
+    tokens, scores = run_beam(batch, 3, max_len, alpha)
+    greedy, greedy_lp = jax.jit(lambda c: decoding.sample_decode(
+            make_step_fn(batch), c, batch, max_len, eos_id=EOS))(jnp.zeros(batch, jnp.int32))
+    for b in range(batch):
+        seq = [int(t) for t in tokens[b]]
+        n = next((i + 1 for i, t in enumerate(seq) if t == EOS), max_len)
+        assert all(t == 0 for t in seq[n:])
+        score = sequence_logprob(b, seq[:n]) / ((5 + n) / 6) ** alpha
+        np.testing.assert_allclose(float(scores[b]), score, rtol=1e-5)
+        g = [int(t) for t in greedy[b]]
+        gn = next((i + 1 for i, t in enumerate(g) if t == EOS), max_len)
+        np.testing.assert_allclose(float(greedy_lp[b]), sequence_logprob(b, g[:gn]), rtol=1e-5)
+        assert float(scores[b]) >= float(greedy_lp[b]) / ((5 + gn) / 6) ** alpha - 1e-6
+
+
+def test_filter_logits():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: np.isfinite(np.asarray(decoding.filter_logits(logits, **kw)))[0]  # noqa
+    np.testing.assert_array_equal(kept(top_k=2), [True, True, False, False])
+    np.testing.assert_array_equal(kept(top_p=0.75), [True, True, False, False])
+    np.testing.assert_array_equal(kept(top_p=0.85), [True, True, True, False])
+    np.testing.assert_array_equal(kept(top_p=1e-6), [True, False, False, False])
+    np.testing.assert_array_equal(kept(top_k=3, top_p=0.4), [True, False, False, False])
+    np.testing.assert_array_equal(kept(), [True] * 4)
+
+
+def sample(batch, max_len, keys, **kw):
+    fn = jax.jit(lambda c, k: decoding.sample_decode(make_step_fn(batch), c, batch, max_len,
+                                                     eos_id=EOS, keys=k, **kw))
+    return fn(jnp.zeros(batch, jnp.int32), keys)
+
+
+def test_top_k_restricts_every_step_to_k_tokens():
+    batch, max_len = 64, 6
+    keys = decoding.row_keys(jax.random.PRNGKey(0), batch)
+    tokens, _ = sample(batch, max_len, keys, top_k=2)
+    tokens = np.asarray(tokens)
+    seen = set()
+    for b in range(batch):
+        for t in range(max_len):
+            if t and tokens[b, t - 1] == EOS:
+                break
+            top2 = np.argsort(-reference_logits(b, list(tokens[b, :t])))[:2]
+            assert tokens[b, t] in top2
+            seen.add((b, t, int(tokens[b, t])))
+    # Both allowed tokens do occur (it samples, it is not greedy).
+    assert len({tok for _, t, tok in seen if t == 0}) >= 2
+
+
+def test_tiny_top_p_equals_greedy_and_same_keys_same_samples():
+    batch, max_len = 16, 6
+    keys = decoding.row_keys(jax.random.PRNGKey(1), batch)
+    greedy, greedy_lp = sample(batch, max_len, None)
+    nucleus, nucleus_lp = sample(batch, max_len, keys, top_p=1e-6)
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy))
+    np.testing.assert_allclose(nucleus_lp, greedy_lp)
+    a, _ = sample(batch, max_len, keys)
+    b, _ = sample(batch, max_len, keys)
+    c, _ = sample(batch, max_len, decoding.row_keys(jax.random.PRNGKey(2), batch))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    # A row's sample depends only on its own key (and row), not on its neighbours.
+    shuffled = keys.at[1:].set(decoding.row_keys(jax.random.PRNGKey(3), batch - 1))
+    d, _ = sample(batch, max_len, shuffled)
+    np.testing.assert_array_equal(np.asarray(d)[0], np.asarray(a)[0])
+    # One key is expanded as fold_in(rng, b).
+    single = decoding.row_keys(jax.random.PRNGKey(1), batch)
+    np.testing.assert_array_equal(single[5], jax.random.fold_in(jax.random.PRNGKey(1), 5))
+
+
+def test_sampling_follows_the_distribution():
+    batch = 2000
+    keys = decoding.row_keys(jax.random.PRNGKey(4), batch)
+    step_fn = lambda tokens, cache, step: (jnp.tile(  # noqa: E731
+            jnp.asarray(TOKEN_LOGITS[0]), (tokens.shape[0], 1)), cache)
+    tokens, _ = jax.jit(lambda k: decoding.sample_decode(
+            step_fn, jnp.zeros(batch, jnp.int32), batch, 1, eos_id=EOS, keys=k,
+            temperature=2.0))(keys)
+    freq = np.bincount(np.asarray(tokens)[:, 0], minlength=V) / batch
+    probs = np.exp(log_softmax(TOKEN_LOGITS[0] / 2.0))
+    np.testing.assert_allclose(freq, probs, atol=0.04)
+
+
+def test_per_row_stop_tokens_and_max_lengths():
+    batch, max_len = 4, 6
+    greedy, _ = sample(batch, max_len, None)
+    greedy = np.asarray(greedy)
+    # Stop each row on the token it emits at step 2 (unless it ended earlier).
+    stop = jnp.asarray(greedy[:, 2], jnp.int32)
+    lens = jnp.asarray([6, 1, 3, 6], jnp.int32)
+    tokens, _ = sample(batch, max_len, None, stop_tokens=stop, max_decode_lengths=lens)
+    tokens = np.asarray(tokens)
+    for b in range(batch):
+        row = list(greedy[b])
+        ends = [i + 1 for i, t in enumerate(row) if t in (EOS, int(stop[b]))]
+        n = min(ends[0] if ends else max_len, int(lens[b]))
+        assert list(tokens[b, :n]) == row[:n]
+        assert not tokens[b, n:].any()
+
+
+# --- the model's predict_batch ----------------------------------------------------------------
+CONFIG = T5Config(vocab_size=32, d_model=32, num_heads=2, d_kv=8, d_ff=32, num_encoder_layers=1,
+                  num_decoder_layers=1, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=16)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = EncoderDecoderModel(CONFIG)
+    rng = np.random.RandomState(0)
+
+    def draw(s):
+        if len(s.shape) == 1:
+            return np.ones(s.shape, np.float32)
+        return (rng.standard_normal(s.shape) * 2 / math.sqrt(s.shape[0])).astype(np.float32)
+    params = jax.tree.map(draw, model.param_shapes())
+    enc = rng.randint(2, CONFIG.vocab_size, (4, 9))
+    enc[1, 5:] = 0
+    return model, params, {"encoder_input_tokens": jnp.asarray(enc, jnp.int32)}
+
+
+def test_predict_batch_methods(model_and_params):
+    model, params, batch = model_and_params
+    max_len = 7
+    greedy, greedy_scores = model.predict_batch(params, batch, DecodeConfig(
+            method="greedy", max_decode_length=max_len))
+    # top_p tiny is greedy; a per-row key array gives the same as the expanded single key.
+    nucleus, _ = model.predict_batch(params, batch, DecodeConfig(
+            method="sample", max_decode_length=max_len, top_p=1e-6), rng=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy))
+    cfg = DecodeConfig(method="sample", max_decode_length=max_len, top_k=4)
+    a, _ = model.predict_batch(params, batch, cfg, rng=jax.random.PRNGKey(5))
+    b, _ = model.predict_batch(params, batch, cfg,
+                               rng=decoding.row_keys(jax.random.PRNGKey(5), 4))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Beam scores are the length-penalised log-likelihoods of the returned tokens.
+    beam_cfg = DecodeConfig(method="beam", max_decode_length=max_len, num_beams=3)
+    stop = jnp.asarray([-1, -1, int(greedy[2, 1]), -1], jnp.int32)
+    tokens, scores = model.predict_batch(params, batch, beam_cfg, stop_tokens=stop,
+                                         max_decode_lengths=jnp.asarray([7, 7, 7, 2]))
+    tokens = np.asarray(tokens)
+    lengths = []
+    for b, row in enumerate(tokens):
+        ends = [i + 1 for i, t in enumerate(row) if t in (CONFIG.eos_id, int(stop[b]))]
+        lengths.append(min(ends[0] if ends else max_len, 2 if b == 3 else max_len))
+        assert not row[lengths[-1]:].any()
+    targets = np.where(np.arange(max_len)[None] < np.asarray(lengths)[:, None], tokens, 0)
+    score_batch = dict(batch, decoder_target_tokens=jnp.asarray(targets),
+                       decoder_input_tokens=jnp.asarray(np.pad(targets, ((0, 0), (1, 0)))[:, :-1]),
+                       decoder_loss_weights=jnp.asarray(targets > 0) | (
+                               jnp.arange(max_len)[None] < jnp.asarray(lengths)[:, None]))
+    ll = np.asarray(jax.jit(model.score_batch)(params, score_batch))
+    penalty = ((5.0 + np.asarray(lengths)) / 6.0) ** 0.6
+    np.testing.assert_allclose(np.asarray(scores), ll / penalty, rtol=1e-4)
+    # Greedy scores are log-likelihoods too, and beam search does at least as well.
+    g = np.asarray(greedy)
+    g_len = [next((i + 1 for i, t in enumerate(r) if t == 1), max_len) for r in g]
+    for b in (0, 1):
+        assert float(scores[b]) >= float(greedy_scores[b]) / ((5 + g_len[b]) / 6) ** 0.6 - 1e-5
+    with pytest.raises(ValueError, match="method"):
+        model.predict_batch(params, batch, dataclasses.replace(beam_cfg, method="nucleus"))
