@@ -10,13 +10,16 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets",
     "sentencepiece",
     "gin-config",
+    "importlib_resources",  # TFDS needs it to build the embedded corpus
+    "rouge-score",  # seqio metrics for downstream tasks
+    "sacrebleu",
     "numpy",
 ]
 
 EXTRAS = {
     # CPU build of torch lies on disk here; pinning keeps pip from pulling a CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.40", "safetensors"],
-    "test": ["pytest", "rouge-score", "sacrebleu"],
+    "test": ["pytest"],
 }
 EXTRAS["test"] = EXTRAS["test"] + EXTRAS["hf"]
 
@@ -25,6 +28,8 @@ setuptools.setup(
     version="0.1.0",
     description="Sequence Span Rewriting (SSR) pre-training for T5 in JAX/Flax",
     packages=setuptools.find_packages(include=["ssr_jax", "ssr_jax.*", "tasks", "tasks.*"]),
+    package_data={"tasks": ["assets/*"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -11,7 +11,9 @@ Flags: --gin_file=F (repeatable), --gin.X=Y (repeatable; = a binding line `X = Y
 --gin_bindings='X = Y' (repeatable), --gin_search_paths=a,b (the repository root and its gin/
 directory are always searched, after these).
 """
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 from typing import Callable, Dict, List, Optional, Sequence
@@ -121,6 +123,20 @@ def _find_file(path: str, search: Sequence[str]) -> str:
     raise UserError(f"gin file {path!r} not found (searched: . {' '.join(search)}).")
 
 
+@contextlib.contextmanager
+def _quiet_include_search():
+    """gin logs an ERROR for every search path an `include` misses before it finds the file;
+    a missing file still raises, so those lines are noise."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return " | ".join(lines[:3]) if lines else type(e).__name__
@@ -139,7 +155,8 @@ def setup(flags: Flags) -> None:
     if not files:
         raise UserError("no --gin_file given; e.g. --gin_file=gin/experiments/tiny_default.gin")
     try:
-        gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
+        with _quiet_include_search():
+            gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
     except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
         what = "gin binding" if any(b.split("=")[0].strip() in str(e) for b in flags.bindings) \
             else "gin config"
@@ -180,6 +197,14 @@ def call(name: str, **kwargs):
     fn = register()[name]
     try:
         return fn(**kwargs)
+    except UserError as e:
+        # gin appends "In call to configurable ..." lines to exceptions passing through it.
+        # The raised object is gin's proxy subclass; re-raise the user's own class.
+        cls = type(e)
+        while "ExceptionProxy" in getattr(cls.__init__, "__qualname__", ""):
+            cls = cls.__mro__[1]
+        lines = str(e).strip().splitlines()
+        raise cls(lines[0] if lines else "") from e
     except TypeError as e:
         text = str(e)
         macro = re.search(r"configurable 'macro'.*in scope '([^']+)'", text, re.S)
@@ -192,14 +217,14 @@ def call(name: str, **kwargs):
 
 
 def query_macro(name: str) -> Optional[object]:
-    """The value of a macro (following references to other macros), or None if unset."""
+    """The value of a macro (references to other macros followed), or None if unset."""
     try:
-        value = gin.query_parameter(f"{name}.value")
+        value = gin.query_parameter(f"%{name}")
         for _ in range(10):
             text = repr(value)
             if not text.startswith("%") or text == "%gin.REQUIRED":
                 break
-            value = gin.query_parameter(f"{text[1:]}.value")
+            value = gin.query_parameter(text)
         return value
     except (ValueError, KeyError):
         return None

@@ -182,6 +182,7 @@ def student(f0, f1, f2):
     ([], ([], [], []), 0),  # nothing
     ([20, 21, 22], ([], [], []), 0),  # no sentinel at all
     ([X(0), X(1), 21, X(2), X(3)], ([], [21], []), 3),  # empty fills are valid
+    ([X(0), 20, X(1), 21, VS + 5, X(2)], ([20], [], []), 1),  # id beyond the vocabulary
     ([X(0), 20, X(1), X(0), 30, X(1), 21, X(2)], ([20], [21], []), 2),  # first occurrence
 ])
 def test_rewrite_fallbacks(teacher_out, fills, valid):
@@ -217,7 +218,6 @@ def strip_sentinels(row, vs):
 
 
 def test_perfect_teacher_is_lossless(vocab):
-    import tasks.default  # noqa: F401
     text = ("A version number consists of two or three dot-separated numeric components, "
             "with an optional pre-release tag on the end. The pre-release tag consists of the "
             "letter 'a' or 'b' followed by a number.")

@@ -1,1 +1,12 @@
-"""Data layer: span corruption, SSR mask/rewrite (token ids), packing, input pipeline."""
+"""Data layer: where SSR is defined.
+
+  span_corruption    T5's span corruption (noise mask, sentinels, raw-length arithmetic)
+  ssr_preprocessors  SSR mask (SeqIO preprocessor) and rewrite (numpy, online + offline)
+  packing            the one packer: examples -> the trainer's encoder-decoder batch
+  pipeline           InputPipeline: a SeqIO task/mixture -> per-host packed numpy batches
+  corpus             the embedded default corpus (TFDS builder over Python's own docs)
+  user_files         validated sources over the user's text / JSONL / TFRecord files
+  factories          register SeqIO tasks for an objective over TFDS data or user files
+  metrics            ROUGE / BLEU / exact match as seqio metric functions
+Import submodules directly; this package imports nothing heavy.
+"""

@@ -1,8 +1,8 @@
 """Text metrics for downstream tasks, as seqio metric functions fn(targets, predictions).
 
-ROUGE uses Google's `rouge-score` (rouge1, rouge2, rougeLsum with newline-separated
-sentences split at '. ', stemming on, F-measure x 100, as T5 reports it); BLEU uses `sacrebleu`'s corpus
-BLEU with T5's settings (exp smoothing, 'intl' tokenizer). Both packages are imported
+ROUGE uses Google's `rouge-score` (rouge1, rouge2, rougeLsum over sentences split at
+'. ', stemming on, F-measure x 100, as T5 reports it); BLEU uses `sacrebleu`'s corpus BLEU
+with T5's settings (exp smoothing, 'intl' tokenizer). Both packages are imported
 lazily: a missing one raises UserError saying what to install.
 """
 import re

@@ -21,7 +21,7 @@ come next.
 import base64
 import os
 import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import seqio

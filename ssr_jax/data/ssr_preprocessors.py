@@ -248,7 +248,7 @@ class RewriteStats:
     """Counts over a batch. fill/original lengths are per span, in batch order."""
 
     spans: int = 0  # spans in the teacher inputs
-    valid_fills: int = 0  # spans whose teacher fill was well-formed and used
+    valid_fills: int = 0  # spans whose teacher fill was well-formed (incl. truncated)
     fallbacks: int = 0  # spans rewritten with the empty fill (missing/malformed)
     truncated: int = 0  # valid fills dropped because the student input would not fit
     exact_copies: int = 0  # used fills identical to the original span (needs targets)
@@ -276,9 +276,13 @@ class RewriteStats:
                 "ssr/overlong_inputs": self.overlong_inputs}
 
 
-def _stop_lengths(x: np.ndarray, stops: Sequence[int]) -> np.ndarray:
-    """Per row, the index of the first stop token (pad 0 / EOS), or the width."""
+def _stop_lengths(x: np.ndarray, stops: Sequence[int],
+                  vocab_size: Optional[int] = None) -> np.ndarray:
+    """Per row, the index of the first stop token (pad 0 / EOS, or an id outside
+    [0, vocab_size) when given: a padded model vocabulary can emit those), or the width."""
     hit = np.isin(x, stops)
+    if vocab_size is not None:
+        hit |= (x >= vocab_size) | (x < 0)
     return np.where(hit.any(axis=1), hit.argmax(axis=1), x.shape[1])
 
 
@@ -334,7 +338,8 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
 
     Args:
       teacher_inputs: int [B, L], the teacher's inputs (context + sentinels + EOS), 0-padded.
-      teacher_outputs: int [B, T], the teacher's outputs, 0-padded; read up to EOS or pad.
+      teacher_outputs: int [B, T], the teacher's outputs, 0-padded; read up to EOS, pad or
+        the first id >= vocab_size (the model's padded vocabulary has unused ids).
       vocab_size: the vocabulary's size with extra ids (`vocab.vocab_size`, not padded).
       targets: optional int [B, S] student targets, for exact-copy and original-length stats.
       max_length: if set, a student input longer than this has its last valid fills
@@ -342,7 +347,9 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
       pad_to: if set, return a 0-padded int32 [B, pad_to] array instead of a list.
 
     Returns:
-      (student_inputs, RewriteStats); student inputs end with EOS.
+      (student_inputs, RewriteStats); student inputs end with EOS. An all-padding row
+      (e.g. the padding rows of a last, partial batch) gives just [EOS]: skip rows whose
+      student target is empty before packing.
     """
     teacher_inputs = np.asarray(teacher_inputs)
     teacher_outputs = np.asarray(teacher_outputs)
@@ -354,7 +361,7 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
     rows = []
     in_len = _stop_lengths(teacher_inputs, (0,))
     in_pos = _sentinel_positions(teacher_inputs, in_len, vocab_size, num_extra_ids)
-    out_len = _stop_lengths(teacher_outputs, (0, eos_id))
+    out_len = _stop_lengths(teacher_outputs, (0, eos_id), vocab_size)
     out_pos = _sentinel_positions(teacher_outputs, out_len, vocab_size, num_extra_ids)
     tin_all, tout_all = teacher_inputs.tolist(), teacher_outputs.tolist()
     if targets is not None:

@@ -272,6 +272,22 @@ def _sample(model, decode, params, inputs, keys, stops, max_lens):
     return tokens
 
 
+_SAMPLERS: Dict[Any, Any] = {}
+
+
+def _sampler(model, decode, partitioner, param_shardings):
+    """The jitted sampler, shared by teachers of the same config, decoding and mesh (so a
+    reloaded teacher reuses the compiled program)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    key = (model.config, decode, partitioner.mesh, partitioner.rules)
+    if key not in _SAMPLERS:
+        batch = partitioner.batch_sharding()
+        _SAMPLERS[key] = jax.jit(functools.partial(_sample, model, decode),
+                                 in_shardings=(param_shardings, batch, batch, batch, batch),
+                                 out_shardings=batch)
+    return _SAMPLERS[key]
+
+
 # --- the teacher on the mesh -------------------------------------------------------------------
 class Teacher:
     """Frozen teacher params on a Partitioner's mesh and one jitted, sharded sampler.
@@ -285,10 +301,7 @@ class Teacher:
         import jax  # pylint: disable=import-outside-toplevel
         self.model, self.params, self.partitioner, self.decode = model, params, partitioner, decode
         self.config: T5Config = model.config
-        batch = partitioner.batch_sharding()
-        self._sample = jax.jit(functools.partial(_sample, model, decode),
-                               in_shardings=(param_shardings, batch, batch, batch, batch),
-                               out_shardings=batch)
+        self._sample = _sampler(model, decode, partitioner, param_shardings)
 
     @classmethod
     def load(cls, cfg: TeacherConfig, partitioner, vocabulary, max_decode_length: int,

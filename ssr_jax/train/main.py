@@ -20,7 +20,6 @@ DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "mult
 def _prepare(argv: Sequence[str]) -> gin_config.Flags:
     flags = gin_config.parse_flags(argv, allowed_other=DISTRIBUTED_FLAGS)
     _quiet_logs()
-    _hide_accelerators_from_tf()
     gin_config.setup(flags)
     _maybe_initialize_distributed(flags.other)
     return flags
@@ -30,15 +29,6 @@ def _quiet_logs():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("absl", "orbax", "tensorflow", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _hide_accelerators_from_tf():
-    """TensorFlow only feeds data: keep it off GPUs so it never takes memory from JAX."""
-    try:
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-        tf.config.set_visible_devices([], "GPU")
-    except Exception:  # pylint: disable=broad-except
-        pass
 
 
 def _maybe_initialize_distributed(other: dict):

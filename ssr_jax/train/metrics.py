@@ -6,7 +6,6 @@ nothing here touches device arrays, so the loop decides when to synchronise.
 import json
 import math
 import os
-import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -73,8 +72,6 @@ class MetricsLogger:
         self.is_primary = jax.process_index() == 0
         self.model_dir = model_dir if self.is_primary else None
         self._writers = {}
-        self._start_time = time.time()
-        self._start_step: Optional[int] = None
 
     def _write(self, kind: str, step: int, scalars: Mapping[str, float]):
         if not self.model_dir:
@@ -100,13 +97,10 @@ class MetricsLogger:
     def log_train(self, step: int, summed: Mapping[str, float], num_steps: int,
                   seconds: float) -> Mapping[str, float]:
         """summed: metric sums over the last num_steps steps (grad_norm/lr: last step)."""
-        if self._start_step is None:
-            self._start_step = step - num_steps
         w = max(summed["weight_sum"], 1.0)
         tok_s = self.tokens_per_step * num_steps / max(seconds, 1e-9)
         mfu = self.flops_per_step * num_steps / max(seconds, 1e-9) / self.peak
-        done = step - self._start_step
-        eta = (time.time() - self._start_time) / max(done, 1) * (self.total_steps - step)
+        eta = seconds / max(num_steps, 1) * (self.total_steps - step)  # at the latest rate
         scalars = {
                 "loss": summed["loss_sum"] / w,
                 "accuracy": summed["correct_sum"] / w,

@@ -54,7 +54,7 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
     state, stage, result = run.state, run.stage, TrainResult(run.state, [], [])
     step = int(jax.device_get(state.step))
     batch = stage.start_next().result() if step < train_steps else None
-    window, tick = [], time.time()
+    window, tick, paused = [], time.time(), 0.0  # paused: eval time inside a log window
     with _preemption_flag() as preempted:
         while step < train_steps:
             stop = preempted(step)
@@ -67,13 +67,15 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
             window.append(step_metrics)
             batch = pending.result() if pending is not None else None
             if step % log_every == 0 or step == train_steps or stop:
-                result.train_metrics.append(run.log_window(step, window, time.time() - tick))
-                window, tick = [], time.time()
+                seconds = time.time() - tick - paused
+                result.train_metrics.append(run.log_window(step, window, seconds))
+                window, tick, paused = [], time.time(), 0.0
             if save:
                 run.checkpointer.save(state, data_state)
             if eval_every and (step % eval_every == 0 or step == train_steps):
+                eval_start = time.time()
                 result.eval_metrics.append(run.evaluate(state.params, step))
-                tick = time.time()
+                paused += time.time() - eval_start
             if stop:
                 print(f"preempted: saved step {step}; rerun the same command to resume.",
                       flush=True)

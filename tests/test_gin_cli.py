@@ -1,0 +1,130 @@
+"""The gin edge: flags, layering, one-line errors, and a tiny end-to-end train / eval / infer
+on the embedded default corpus through `ssr-jax`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ssr_jax import cli, gin_config
+from ssr_jax.errors import UserError
+from test_trainer import compilation_cache  # noqa: F401  (module fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--gin_file=gin/experiments/tiny_default.gin"
+
+
+def _error_line(capsys, argv):
+    """Runs `ssr-jax ARGV` in-process; returns its single stderr line (asserting rc 2)."""
+    assert cli.main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"ssr-jax {argv[0]}: error: ")
+    return lines[0]
+
+
+def test_flags_layering_and_search_paths(tmp_path):
+    extra = tmp_path / "mine.gin"
+    extra.write_text("include 'experiments/tiny_default.gin'\nTRAIN_STEPS = 7\n")
+    flags = gin_config.parse_flags([f"--gin_file={extra.name}", "--gin.BATCH_SIZE=4",
+                                    "--gin_bindings", "SEED = 3",
+                                    f"--gin_search_paths={tmp_path}", "--gin.MODEL_DIR='/m'"])
+    gin_config.setup(flags)
+    # experiment (300) < later file (7); run mode default (128) < experiment (16) < flag (4).
+    assert gin_config.query_macro("TRAIN_STEPS") == 7
+    assert gin_config.query_macro("BATCH_SIZE") == 4
+    assert gin_config.query_macro("SEED") == 3
+    assert gin_config.query_macro("MODEL_DIR") == "/m"
+    assert gin_config.query_macro("VOCAB_SIZE") == 4224  # experiment overrides the size file
+    with pytest.raises(UserError, match="unknown flag --gin_fil"):
+        gin_config.parse_flags(["--gin_fil=x.gin"])
+    with pytest.raises(UserError, match=r"gin file 'nope.gin' not found"):
+        gin_config.setup(gin_config.parse_flags(["--gin_file=nope.gin"]))
+
+
+def test_default_vocab_size_matches_the_shipped_vocabulary():
+    import tasks  # pylint: disable=import-outside-toplevel
+    gin_config.setup(gin_config.parse_flags([TINY, "--gin.MODEL_DIR='/m'"]))
+    assert gin_config.query_macro("VOCAB_SIZE") == tasks.default_model_vocab_size()
+
+
+@pytest.mark.parametrize("flag,expected", [
+        ("--gin.T5Config.d_modle=3",
+         "gin binding: Configurable 'T5Config' doesn't have a parameter named 'd_modle'"),
+        ("--gin.Trainer.steps=3", "No configurable matching 'Trainer'"),
+        ("--gin.MODEL_DIR=/tmp/unquoted", "string values need quotes"),
+])
+def test_bad_gin_bindings_are_one_line(capsys, flag, expected):
+    line = _error_line(capsys, ["train", TINY, "--gin.MODEL_DIR='/tmp/m'", flag])
+    assert expected in line
+
+
+def test_missing_required_macro_is_one_line(capsys):
+    line = _error_line(capsys, ["train", TINY])
+    assert "required gin value(s) not set: MODEL_DIR" in line
+    line = _error_line(capsys, ["eval", "--gin_file=gin/models/t5_1_1/tiny.gin",
+                                "--gin_file=gin/runs/eval.gin", "--gin.MODEL_DIR='/m'"])
+    assert "MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS" in line
+
+
+def test_mesh_and_batch_errors_are_one_line(capsys, tmp_path):
+    model_dir = f"--gin.MODEL_DIR='{tmp_path}'"
+    line = _error_line(capsys, ["train", TINY, model_dir,
+                                "--gin.Partitioner.mesh_shape={'data': 3, 'model': -1}"])
+    assert "do not divide the 8 devices" in line
+    line = _error_line(capsys, ["train", TINY, model_dir, "--gin.BATCH_SIZE=6"])
+    assert "BATCH_SIZE=6 is not divisible by the batch mesh axes ('data',) of size 8" in line
+
+
+def test_installed_command_prints_one_line_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "ssr_jax.cli", "train", TINY], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert errors == ["ssr-jax train: error: required gin value(s) not set: MODEL_DIR; set them "
+                      "in a gin file or with e.g. --gin.MODEL_DIR=..."]
+
+
+@pytest.mark.slow
+def test_tiny_default_run_loss_falls_then_eval_and_infer(tmp_path, capsys):
+    """`ssr-jax train` with the tiny default experiment (smaller and shorter), then eval and
+    infer on its checkpoint."""
+    model_dir = f"--gin.MODEL_DIR='{tmp_path}'"
+    shape = ["--gin.t5_1_1_tiny/T5Config.d_model=64", "--gin.t5_1_1_tiny/T5Config.d_ff=128",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"]
+    assert cli.main(["train", TINY, model_dir, *shape, "--gin.TRAIN_STEPS=160",
+                     "--gin.BATCH_SIZE=16", "--gin.train.log_every=40",
+                     "--gin.EVAL_EVERY=160", "--gin.CheckpointConfig.save_every=80"]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "train" / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 4
+    # Unigram-level learning alone takes the loss from ~ln(4224) = 8.3 well below 7.
+    assert losses[0] > 7.0 and losses[-1] < losses[0] - 1.5, losses
+    assert "eval step 160 | loss" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["160", "80", "model_config.json"]
+    assert os.path.exists(tmp_path / "config.gin")
+
+    assert cli.main(["eval", "--gin_file=gin/models/t5_1_1/tiny.gin",
+                     "--gin_file=gin/runs/eval.gin", model_dir, *shape,
+                     "--gin.VOCAB_SIZE=4224",
+                     "--gin.MIXTURE_OR_TASK_NAME='ssr_default_span_corruption'",
+                     "--gin.eval_data/DatasetConfig.batch_size=16",
+                     "--gin.evaluate.num_batches=2"]) == 0
+    assert "eval_validation step 160 | loss" in capsys.readouterr().out
+
+    assert cli.main(["infer", "--gin_file=gin/models/t5_1_1/tiny.gin",
+                     "--gin_file=gin/runs/infer.gin", model_dir, *shape,
+                     "--gin.VOCAB_SIZE=4224",
+                     "--gin.MIXTURE_OR_TASK_NAME='ssr_default_span_corruption'",
+                     "--gin.BATCH_SIZE=8", "--gin.INFER_BATCHES=1",
+                     "--gin.DecodeConfig.method='greedy'", "--gin.MAX_DECODE_LENGTH=16"]) == 0
+    out_file = tmp_path / "inference" / "ssr_default_span_corruption-validation-160.jsonl"
+    with open(out_file) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 8
+    assert set(rows[0]) == {"inputs", "targets", "prediction", "score"}
+    assert all(r["targets"] for r in rows) and "<extra_id_0>" in rows[0]["inputs"]

@@ -1,0 +1,226 @@
+"""The online SSR input stage: a perfect (echo) teacher restores the original text, the real
+sampler gives well-formed examples, fixed step sizes pack without leftovers, the data
+position resumes exactly, and a student trains with a teacher sharded over model=4."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssr_jax.data.ssr_preprocessors import teacher_outputs_from_targets
+from ssr_jax.errors import UserError
+from ssr_jax.models.base import DecodeConfig
+from ssr_jax.partitioning import Partitioner
+from ssr_jax.ssr import online
+from ssr_jax.ssr import teacher as tl
+from ssr_jax.train.input_stage import DatasetConfig
+from test_teacher import SMALL, VOCAB, make_teacher_checkpoint
+
+LENGTHS = {"inputs": 64, "targets": 16}  # student rows; slots of 32 / 8 with m = 2
+SC_TASK = "ssr_default_span_corruption"
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    import tasks
+    return tasks.default_vocabulary()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, vocabulary):
+    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)
+
+
+def dataset(batch_size=4, seed=0):
+    return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=batch_size, seed=seed)
+
+
+def stage_config(**kw):
+    kw.setdefault("span_corruption_examples", 2)
+    return online.SsrStageConfig(examples_per_row=2, span_corruption_task=SC_TASK,
+                                 probe_every=2, **kw)
+
+
+def host(batch):
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def segments(batch):
+    """(inputs, targets) of every packed example, row-major: the order they were packed in."""
+    out = []
+    for r in range(batch["encoder_input_tokens"].shape[0]):
+        es, ds = batch["encoder_segment_ids"][r], batch["decoder_segment_ids"][r]
+        for s in range(1, int(es.max()) + 1):
+            out.append((batch["encoder_input_tokens"][r][es == s],
+                        batch["decoder_target_tokens"][r][ds == s]))
+    return out
+
+
+def reference_examples(cfg, config, partitioner, steps):
+    """The examples the stage reads, from independent pipelines with the same settings."""
+    plan = online.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner)
+    ssr, sc = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    return [(ssr.next_examples(plan.host_ssr), sc.next_examples(plan.host_sc))
+            for _ in range(steps)]
+
+
+def restore(teacher_input, target, vocab_size=4100):
+    """The original tokens: the teacher input with sentinel k replaced by span k (from the
+    student target `orig_0 <x_1> orig_1 ... <x_n> EOS`)."""
+    spans, cur = [], []
+    for t in target.tolist():
+        if t >= vocab_size - 100 and t < vocab_size:
+            spans.append(cur)
+            cur = []
+        elif t != 1:
+            cur.append(t)
+    out = []
+    for t in teacher_input.tolist():
+        if vocab_size - 100 <= t < vocab_size:
+            out.extend(spans[vocab_size - 1 - t])
+        elif t != 1:
+            out.append(t)
+    return out
+
+
+class EchoTeacher:
+    """Test stub: answers each teacher input with its original spans (the perfect teacher)."""
+
+    def __init__(self, examples, max_len, vocab_size=4100):
+        self.decode = DecodeConfig(method="sample", max_decode_length=max_len)
+        self.table = {}
+        for ex in examples:
+            out = teacher_outputs_from_targets(ex["targets"][None], vocab_size)[0]
+            self.table[ex["inputs"].tobytes()] = out[:max_len]
+
+    def generate(self, inputs, keys, stops, lens):
+        x = np.asarray(inputs)
+        out = np.zeros((x.shape[0], self.decode.max_decode_length), np.int32)
+        for b, row in enumerate(x):
+            got = self.table[online.strip_pad(row).tobytes()]
+            out[b, :len(got)] = got
+        return jnp.asarray(out)
+
+
+def test_perfect_teacher_restores_the_original_text(vocabulary):
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    cfg, config = dataset(), stage_config()
+    refs = reference_examples(cfg, config, partitioner, 3)
+    plan = online.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
+    ssr, sc = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    teacher = EchoTeacher([ex for r, _ in refs for ex in r], 16)
+    stage = online.SSRStage(plan, partitioner, vocabulary, ssr, sc, teacher, config=config)
+    for ref_ssr, ref_sc in refs:
+        segs = segments(host(stage.start_next().result()))
+        assert len(segs) == len(ref_ssr) + len(ref_sc) == 8  # 2 per row, none left over
+        for (inputs, targets), ex in zip(segs, ref_ssr):
+            np.testing.assert_array_equal(targets, ex["targets"])
+            original = restore(ex["inputs"], ex["targets"])
+            no_sentinels = [t for t in inputs.tolist() if not 4000 <= t < 4100 and t != 1]
+            assert no_sentinels == original
+            assert vocabulary.decode(no_sentinels) == vocabulary.decode(original)
+            assert inputs[-1] == 1 and len(inputs) <= 32
+        for (inputs, targets), ex in zip(segs[len(ref_ssr):], ref_sc):
+            np.testing.assert_array_equal(inputs, ex["inputs"])
+            np.testing.assert_array_equal(targets, ex["targets"])
+    metrics = stage.pop_metrics()
+    assert metrics["ssr/valid_fill_rate"] == 1.0 and metrics["ssr/exact_copy_rate"] == 1.0
+    assert metrics["ssr/fill_to_original_length"] == pytest.approx(1.0)
+    stage.close()
+
+
+def sentinel_layout_holds(inputs, targets, teacher_input):
+    """Student input = teacher input with `<x_k>` -> `<x_k> fill_k <x_k+1>`, fills free of
+    sentinels; ends with EOS."""
+    lo, hi = 4000, 4100
+    n = sum(lo <= t < hi for t in targets.tolist())
+    sentinels = [hi - 1 - t for t in inputs.tolist() if lo <= t < hi]
+    assert sentinels == [k for i in range(n) for k in (i, i + 1)]
+    context, inside = [], False
+    for t in inputs.tolist():
+        if lo <= t < hi:
+            k = hi - 1 - t
+            if not inside:
+                context.append(t)
+            inside = not inside
+        elif not inside:
+            context.append(t)
+    assert context == teacher_input.tolist()
+    assert inputs[-1] == 1
+
+
+def test_real_sampler_gives_well_formed_examples(teacher_dir, vocabulary):
+    partitioner = Partitioner({"data": 2, "model": 4})
+    cfg, config = dataset(), stage_config()
+    refs = reference_examples(cfg, config, partitioner, 2)
+    stage = online.online_stage(cfg, partitioner, 1, tl.TeacherConfig(teacher_dir, seed=3),
+                                config, VOCAB)
+    for ref_ssr, _ in refs:
+        segs = segments(host(stage.start_next().result()))
+        assert len(segs) == 8
+        for (inputs, targets), ex in zip(segs, ref_ssr):
+            np.testing.assert_array_equal(targets, ex["targets"])
+            sentinel_layout_holds(inputs, targets, ex["inputs"])
+            assert len(inputs) <= 32
+    metrics = stage.pop_metrics()
+    assert metrics["ssr/spans"] > 0 and 0.0 <= metrics["ssr/valid_fill_rate"] <= 1.0
+    assert 0.0 < metrics["ssr/teacher_time_share"] <= 1.0
+    stage.close()
+
+
+def test_state_resumes_exactly(teacher_dir, vocabulary):
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    cfg, config = dataset(), stage_config(snapshot_every=2)
+    teacher = tl.TeacherConfig(teacher_dir)
+    a = online.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
+    batches, states = [], []
+    for _ in range(4):
+        states.append(a.get_state())
+        batches.append(host(a.start_next().result()))
+    a.close()
+    assert states[3]["ssr"]["skip"] > 0  # replays from a snapshot
+    b = online.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
+    b.set_state(states[3])
+    again = host(b.start_next().result())
+    for k in batches[3]:
+        np.testing.assert_array_equal(again[k], batches[3][k])
+    b.close()
+
+
+def test_plan_validation():
+    partitioner = Partitioner({"data": 2, "model": 4})
+    plan = online.plan_slots(LENGTHS, 4, stage_config(), partitioner)
+    assert plan.slot_lengths == (32, 8) and plan.ssr_examples == 6 and plan.sc_examples == 2
+    assert (plan.host_rows, plan.host_ssr, plan.host_sc) == (4, 6, 2)
+    with pytest.raises(UserError, match="not divisible"):
+        online.plan_slots({"inputs": 65, "targets": 16}, 4, stage_config(), partitioner)
+    with pytest.raises(UserError, match="multiples of the 2 batch shards"):
+        online.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=1), partitioner)
+    with pytest.raises(UserError, match="leaves no SSR example"):
+        online.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=8), partitioner)
+
+
+def test_online_ssr_trains_with_teacher_sharded_over_model4(tmp_path, teacher_dir, vocabulary):
+    from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+    from ssr_jax.train import optimizers, trainer
+    from ssr_jax.train.checkpoints import CheckpointConfig
+    partitioner = Partitioner({"data": 2, "model": 4})
+    student = EncoderDecoderModel(SMALL)
+    teacher = tl.TeacherConfig(teacher_dir)
+    config = stage_config()
+    stages = []
+
+    def factory(cfg, part, num_microbatches):
+        stages.append(online.online_stage(cfg, part, num_microbatches, teacher, config, VOCAB))
+        return stages[-1]
+
+    result = trainer.train(
+            model=student, model_dir=str(tmp_path / "student"), train_dataset=dataset(),
+            train_steps=40, optimizer=optimizers.adamw(learning_rate=3e-3),
+            partitioner=partitioner, checkpoint=CheckpointConfig(save_every=0, async_save=False),
+            log_every=5, input_stage_factory=factory)
+    losses = [m["loss"] for m in result.train_metrics]
+    assert losses[-1] < losses[0] - 1.0, losses
+    # The teacher's params are split over 'model' on the student's mesh.
+    params = stages[0].teacher.params
+    assert any("model" in str(x.sharding.spec) for x in jax.tree.leaves(params))
+    assert stages[0].teacher.partitioner is partitioner
