@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ssr_jax import cli, gin_config
@@ -95,17 +96,18 @@ def test_tiny_default_run_loss_falls_then_eval_and_infer(tmp_path, capsys):
     model_dir = f"--gin.MODEL_DIR='{tmp_path}'"
     shape = ["--gin.t5_1_1_tiny/T5Config.d_model=64", "--gin.t5_1_1_tiny/T5Config.d_ff=128",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"]
-    assert cli.main(["train", TINY, model_dir, *shape, "--gin.TRAIN_STEPS=160",
-                     "--gin.BATCH_SIZE=16", "--gin.train.log_every=40",
-                     "--gin.EVAL_EVERY=160", "--gin.CheckpointConfig.save_every=80"]) == 0
+    assert cli.main(["train", TINY, model_dir, *shape, "--gin.TRAIN_STEPS=80",
+                     "--gin.BATCH_SIZE=16", "--gin.train.log_every=1",
+                     "--gin.EVAL_EVERY=80", "--gin.CheckpointConfig.save_every=40"]) == 0
     out = capsys.readouterr().out
     with open(tmp_path / "train" / "metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
-    assert len(losses) == 4
-    # Unigram-level learning alone takes the loss from ~ln(4224) = 8.3 well below 7.
-    assert losses[0] > 7.0 and losses[-1] < losses[0] - 1.5, losses
-    assert "eval step 160 | loss" in out
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["160", "80", "model_config.json"]
+    assert len(losses) == 80
+    first, last = np.mean(losses[:5]), np.mean(losses[-20:])
+    # From about ln(4224) = 8.3 at initialisation; unigram statistics alone get below 6.
+    assert first > 7.5 and last < first - 2.0, (first, last)
+    assert "eval step 80 | loss" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40", "80", "model_config.json"]
     assert os.path.exists(tmp_path / "config.gin")
 
     assert cli.main(["eval", "--gin_file=gin/models/t5_1_1/tiny.gin",
@@ -114,7 +116,7 @@ def test_tiny_default_run_loss_falls_then_eval_and_infer(tmp_path, capsys):
                      "--gin.MIXTURE_OR_TASK_NAME='ssr_default_span_corruption'",
                      "--gin.eval_data/DatasetConfig.batch_size=16",
                      "--gin.evaluate.num_batches=2"]) == 0
-    assert "eval_validation step 160 | loss" in capsys.readouterr().out
+    assert "eval_validation step 80 | loss" in capsys.readouterr().out
 
     assert cli.main(["infer", "--gin_file=gin/models/t5_1_1/tiny.gin",
                      "--gin_file=gin/runs/infer.gin", model_dir, *shape,
@@ -122,7 +124,7 @@ def test_tiny_default_run_loss_falls_then_eval_and_infer(tmp_path, capsys):
                      "--gin.MIXTURE_OR_TASK_NAME='ssr_default_span_corruption'",
                      "--gin.BATCH_SIZE=8", "--gin.INFER_BATCHES=1",
                      "--gin.DecodeConfig.method='greedy'", "--gin.MAX_DECODE_LENGTH=16"]) == 0
-    out_file = tmp_path / "inference" / "ssr_default_span_corruption-validation-160.jsonl"
+    out_file = tmp_path / "inference" / "ssr_default_span_corruption-validation-80.jsonl"
     with open(out_file) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 8

@@ -10,7 +10,6 @@ by d_model**-0.5); untied means T5 1.1 (separate `lm_head`, no scaling). transfo
 always ties in memory and keys the scaling on `scale_decoder_outputs`, so export writes
 both flags and import reads the scaling flag first.
 """
-import dataclasses
 import json
 import os
 import shutil
@@ -214,7 +213,8 @@ def hf_state_to_params(state: HFState, config: T5Config, source: str = SAFETENSO
             raise UserError(f"{source}: lm_head.weight differs from shared.weight but the config "
                             "scales tied output logits (T5 1.0); an untied lm_head with scaled "
                             "logits is not supported.")
-    if not config.tie_word_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
+    untied_without_head = "lm_head.weight" not in state and "shared.weight" in state
+    if not config.tie_word_embeddings and untied_without_head:
         # Unscaled logits through the shared embedding: an untied copy represents it exactly.
         state["lm_head.weight"] = state["shared.weight"]
     missing = [k for k in mapping if k not in state]
@@ -331,15 +331,25 @@ def export_hf(params, config: T5Config, out_dir: str, spm_model_path: Optional[s
         json.dump({"decoder_start_token_id": config.decoder_start_token_id,
                    "eos_token_id": config.eos_id, "pad_token_id": config.pad_id}, f, indent=2)
     if spm_model_path is not None:
-        write_tokenizer(spm_model_path, out_dir, extra_ids)
+        write_tokenizer(spm_model_path, out_dir, extra_ids, config.vocab_size)
     return out_dir
 
 
-def write_tokenizer(spm_model_path: str, out_dir: str, extra_ids: int = 100):
+def write_tokenizer(spm_model_path: str, out_dir: str, extra_ids: int = 100,
+                    model_vocab_size: Optional[int] = None):
     """spiece.model + tokenizer_config.json for T5Tokenizer, plus tokenizer.json when
     transformers is installed (so loading needs neither sentencepiece nor a conversion)."""
     if not os.path.isfile(spm_model_path):
         raise UserError(f"--vocab {spm_model_path}: no such SentencePiece model file.")
+    import sentencepiece
+    try:
+        pieces = sentencepiece.SentencePieceProcessor(model_file=spm_model_path).get_piece_size()
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"--vocab {spm_model_path}: not a SentencePiece model "
+                        f"({_first_line(e)}).") from e
+    if model_vocab_size is not None and pieces + extra_ids > model_vocab_size:
+        raise UserError(f"--vocab {spm_model_path}: {pieces} pieces + {extra_ids} extra ids "
+                        f"exceed the model's vocab_size {model_vocab_size}; wrong vocabulary.")
     sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
     tok_config = {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids,
                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
@@ -360,7 +370,3 @@ def write_tokenizer(spm_model_path: str, out_dir: str, extra_ids: int = 100):
         if transformers is None:
             shutil.copyfile(os.path.join(tmp, "tokenizer_config.json"),
                             os.path.join(out_dir, "tokenizer_config.json"))
-
-
-def config_to_json(config: T5Config) -> dict:
-    return dataclasses.asdict(config)

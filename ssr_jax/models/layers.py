@@ -172,6 +172,10 @@ class MultiHeadAttention(nnx.Module):
         y = x.reshape(x.shape[:-1] + (self.num_heads, self.d_kv))
         return constrain(y, ("batch", "length", "heads", "kv"))
 
+    def project_q(self, inputs_q: jax.Array) -> jax.Array:
+        """Queries [batch, length, heads, d_kv]."""
+        return self._heads(self.query(inputs_q))
+
     def project_kv(self, inputs_kv: jax.Array) -> Tuple[jax.Array, jax.Array]:
         """Keys and values [batch, length, heads, d_kv] (also used to fill decode caches)."""
         return self._heads(self.key(inputs_kv)), self._heads(self.value(inputs_kv))
@@ -179,7 +183,9 @@ class MultiHeadAttention(nnx.Module):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                dropout_key: Optional[jax.Array]) -> jax.Array:
         """Attention of q [b,q,h,d] over k/v [b,k,h,d] with an fp32 additive bias."""
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+        # fp32 scores (bf16 inputs accumulate in fp32), softmax in fp32.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = dropout(weights, self.dropout_rate, dropout_key)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -189,7 +195,7 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
                  dropout_key: Optional[jax.Array] = None) -> jax.Array:
-        q = self._heads(self.query(inputs_q))
+        q = self.project_q(inputs_q)
         k, v = self.project_kv(inputs_kv)
         return self.attend(q, k, v, bias, dropout_key)
 
@@ -200,7 +206,7 @@ class MultiHeadAttention(nnx.Module):
         cache: preallocated keys/values [batch, max_len, heads, d_kv]; bias [.., 1, max_len]
         masks the positions after `step`.
         """
-        q = self._heads(self.query(x))
+        q = self.project_q(x)
         k_new, v_new = self.project_kv(x)
         k_cache, v_cache = cache
         start = (0, step, 0, 0)

@@ -27,21 +27,15 @@ def _smoothing(vocab_size: int, label_smoothing: float) -> Tuple[float, float, f
     return confidence, low, const
 
 
-def _xent_parts(logits, targets, label_smoothing):
-    vocab = logits.shape[-1]
-    confidence, low, const = _smoothing(vocab, label_smoothing)
+def _xent_fwd(logits, targets, z_loss, label_smoothing):
+    confidence, low, const = _smoothing(logits.shape[-1], label_smoothing)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    # -sum_v soft_v * (logit_v - lse) with soft summing to 1.
+    # -sum_v soft_v * (logit_v - lse) = lse - sum_v soft_v * logit_v, as soft sums to 1.
     soft_dot = (confidence - low) * target_logit
     if low > 0:
         soft_dot = soft_dot + low * jnp.sum(logits, axis=-1)
     cross_ent = lse - soft_dot - const
-    return lse, cross_ent, confidence, low
-
-
-def _xent_fwd(logits, targets, z_loss, label_smoothing):
-    lse, cross_ent, _, _ = _xent_parts(logits, targets, label_smoothing)
     z = z_loss * jnp.square(lse)
     return (cross_ent, z), (logits, targets, lse, z_loss)
 
@@ -49,15 +43,14 @@ def _xent_fwd(logits, targets, z_loss, label_smoothing):
 def _xent_bwd(label_smoothing, res, g):
     logits, targets, lse, z_loss = res
     g_ce, g_z = g
-    _, low, _ = _smoothing(logits.shape[-1], label_smoothing)
-    confidence = 1.0 - label_smoothing
+    confidence, low, _ = _smoothing(logits.shape[-1], label_smoothing)
     probs = jnp.exp(logits - lse[..., None])
-    # d(lse)/dlogits = probs; d(z lse^2) = 2 z lse probs; d(soft . logits) = soft targets.
-    grad = probs * (g_ce + 2.0 * z_loss * lse * g_z)[..., None]
-    onehot_scale = (confidence - low) * g_ce
-    grad = grad - low * g_ce[..., None]
+    # d lse = probs; d (z lse^2) = 2 z lse probs; d (soft . logits) = soft targets
+    # = low everywhere plus (confidence - low) on the label.
+    grad = probs * (g_ce + 2.0 * z_loss * lse * g_z)[..., None] - low * g_ce[..., None]
     vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    grad = grad - jnp.where(vocab_ids == targets[..., None], onehot_scale[..., None], 0.0)
+    on_label = ((confidence - low) * g_ce)[..., None]
+    grad = grad - jnp.where(vocab_ids == targets[..., None], on_label, 0.0)
     # Targets are ids and z_loss a fixed coefficient: neither gets a gradient.
     return grad, None, None
 

@@ -115,8 +115,7 @@ class DecoderLayer(nnx.Module):
         x = x + y
         h = self.pre_cross_attention_layer_norm(x)
         attn = self.encoder_decoder_attention
-        x = x + attn.attend(attn._heads(attn.query(h)), cross_kv[0], cross_kv[1], cross_bias,
-                            None)
+        x = x + attn.attend(attn.project_q(h), cross_kv[0], cross_kv[1], cross_bias, None)
         x = x + self.mlp(self.pre_mlp_layer_norm(x))
         return x, cache
 

@@ -1,0 +1,151 @@
+"""Offline SSR: generate-spans gives the online stage's batches, resumes after an interruption
+with every example exactly once, and its output is a SeqIO task; the CLI goes through gin."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from ssr_jax.errors import UserError
+from ssr_jax.partitioning import Partitioner
+from ssr_jax.ssr import offline, online
+from ssr_jax.ssr import teacher as tl
+from ssr_jax.train.input_stage import DatasetConfig
+from test_teacher import VOCAB, make_teacher_checkpoint
+
+LENGTHS = {"inputs": 64, "targets": 16}
+SC_TASK = "ssr_default_span_corruption"
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    import tasks
+    return tasks.default_vocabulary()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, vocabulary):
+    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)
+
+
+def dataset():
+    return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=4, seed=1, shuffle=False)
+
+
+def config(k=2):
+    return online.SsrStageConfig(examples_per_row=2, span_corruption_examples=k,
+                                 span_corruption_task=SC_TASK)
+
+
+def host(batch):
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def read_all(output_dir):
+    """Every stored example, in file (= generation) order."""
+    import tensorflow as tf
+    out = []
+    for path in offline.list_chunks(output_dir):
+        for record in tf.data.TFRecordDataset(path):
+            ex = tf.train.Example.FromString(record.numpy())
+            out.append(tuple(tuple(ex.features.feature[k].int64_list.value)
+                             for k in ("inputs", "targets")))
+    return out
+
+
+def test_online_and_offline_give_identical_batches(tmp_path, teacher_dir):
+    partitioner = Partitioner({"data": 2, "model": 4})
+    teacher = tl.TeacherConfig(teacher_dir, seed=5)
+    stage = online.online_stage(dataset(), partitioner, 1, teacher, config(), VOCAB)
+    online_batches = [host(stage.start_next().result()) for _ in range(3)]
+    stage.close()
+    out = str(tmp_path / "spans")
+    record = offline.generate_spans(teacher=teacher, dataset=dataset(), output_dir=out,
+                                    partitioner=partitioner, ssr=config(), num_steps=3,
+                                    chunk_steps=2, student_vocab_size=VOCAB)
+    assert record["complete"] and record["examples"] == 3 * 6
+    assert [os.path.basename(p) for p in offline.list_chunks(out)] == [
+            offline.chunk_name(0, 0, 1), offline.chunk_name(1, 0, 1)]
+    stage = offline.offline_stage(dataset(), partitioner, 1, out, config())
+    for expected in online_batches:
+        got = host(stage.start_next().result())
+        assert got.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    with pytest.raises(StopIteration):
+        stage.start_next()
+    stage.close()
+
+
+def test_interrupted_generation_yields_every_example_once(tmp_path, teacher_dir):
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    kwargs = dict(teacher=tl.TeacherConfig(teacher_dir), dataset=dataset(),
+                  partitioner=partitioner, ssr=config(k=0), num_steps=5, chunk_steps=2,
+                  student_vocab_size=VOCAB)
+    whole = str(tmp_path / "whole")
+    offline.generate_spans(output_dir=whole, **kwargs)
+    expected = read_all(whole)
+    assert len(expected) == 5 * 8 and len(set(expected)) > 30
+
+    parts = str(tmp_path / "parts")
+    first = offline.generate_spans(output_dir=parts, stop_after_chunks=1, **kwargs)
+    assert first["chunks_done"] == 1 and not first["complete"]
+    progress_file = os.path.join(parts, offline.progress_name(0, 1))
+    shutil.copy(progress_file, str(tmp_path / "progress_after_1"))
+    offline.generate_spans(output_dir=parts, stop_after_chunks=1, **kwargs)
+    # A crash after chunk 1 was renamed into place but before its progress was recorded,
+    # with a half-written temporary file left behind.
+    shutil.copy(str(tmp_path / "progress_after_1"), progress_file)
+    with open(os.path.join(parts, offline.chunk_name(2, 0, 1)) + ".tmp-0", "wb") as f:
+        f.write(b"partial")
+    assert len(read_all(parts)) == 4 * 8
+    with pytest.raises(UserError, match="has not finished"):
+        offline.offline_stage(dataset(), partitioner, 1, parts, config(k=0))
+    done = offline.generate_spans(output_dir=parts, **kwargs)
+    assert done["complete"] and done["examples"] == 5 * 8
+    assert read_all(parts) == expected
+    assert not [n for n in os.listdir(parts) if ".tmp" in n]
+    # Rerunning a complete directory does nothing; other settings are refused.
+    assert offline.generate_spans(output_dir=parts, **kwargs)["examples"] == 5 * 8
+    with pytest.raises(UserError, match="other settings"):
+        offline.generate_spans(output_dir=parts, **{**kwargs, "num_steps": 6})
+
+
+def test_offline_task_and_vocabulary_check(tmp_path, teacher_dir, vocabulary):
+    import seqio
+    out = str(tmp_path / "spans")
+    offline.generate_spans(teacher=tl.TeacherConfig(teacher_dir), dataset=dataset(),
+                           output_dir=out,
+                           partitioner=Partitioner({"data": 1}, devices=jax.devices()[:1]),
+                           ssr=config(k=0), num_steps=1, student_vocab_size=VOCAB)
+    task = offline.register_offline_ssr_task("test_offline_ssr_task", out, vocabulary)
+    examples = list(task.get_dataset({"inputs": 32, "targets": 8}, split="train",
+                                     shuffle=False).as_numpy_iterator())
+    assert [(tuple(e["inputs"]), tuple(e["targets"])) for e in examples] == read_all(out)
+    assert all(e["inputs"][-1] == 1 and e["targets"][-1] == 1 for e in examples)
+    assert "test_offline_ssr_task" in seqio.TaskRegistry.names()
+    manifest = json.load(open(os.path.join(out, offline.MANIFEST)))
+    manifest["vocabulary"]["sentencepiece_sha256"] = "0" * 64
+    json.dump(manifest, open(os.path.join(out, offline.MANIFEST), "w"))
+    with pytest.raises(UserError, match="written with vocabulary"):
+        offline.register_offline_ssr_task("test_offline_ssr_task", out, vocabulary)
+
+
+def test_generate_spans_command(tmp_path, capsys, teacher_dir):
+    from ssr_jax import cli
+    out = str(tmp_path / "spans")
+    argv = ["generate-spans", "--gin_file=gin/experiments/default_student_ssr.gin",
+            "--gin_file=gin/objectives/ssr_offline.gin", f"--gin.OUTPUT_DIR='{out}'",
+            f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'", "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=2", "--gin.SSR_SPAN_CORRUPTION_EXAMPLES=0",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+            "--gin.Partitioner.mesh_shape={'data': 2, 'model': 4}",
+            "--gin.generate_spans.chunk_steps=1"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert len(read_all(out)) == 2 * 4
+    assert os.path.isfile(os.path.join(out, "generate_config.gin"))
+    assert "generate-spans: done" in capsys.readouterr().out
+    assert cli.main(argv[:-1] + ["--gin.generate_spans.chunk_steps=2"]) == 2
+    assert "other settings" in capsys.readouterr().err
