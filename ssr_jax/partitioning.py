@@ -242,9 +242,6 @@ class Partitioner:
     def batch_sharding(self) -> NamedSharding:
         return self.sharding(self.batch_spec())
 
-    def batch_shardings(self, batch: Mapping[str, Any]) -> Dict[str, NamedSharding]:
-        return {k: self.batch_sharding() for k in batch}
-
     def data_layout(self, global_batch_size: int, num_microbatches: int = 1) -> DataLayout:
         """This host's share of the global batch: per-host size and shard index/count.
 

@@ -139,20 +139,20 @@ def test_params_only_checkpoints_load_from_step_dir_root_or_model_dir(tmp_path):
 
 
 # --- killed mid-way and restarted: bit for bit -------------------------------------------------
-def _train_cmd(model_dir):
-    return [sys.executable, "-m", "ssr_jax.cli", "train",
-            "--gin_file=gin/experiments/tiny_default.gin",
+def _train_args(model_dir):
+    return ["train", "--gin_file=gin/experiments/tiny_default.gin",
             f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.TRAIN_STEPS=14", "--gin.BATCH_SIZE=8",
+            "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
             "--gin.DROPOUT_RATE=0.1",  # the dropout rng must resume too
             "--gin.t5_1_1_tiny/T5Config.d_model=32", "--gin.t5_1_1_tiny/T5Config.d_ff=64",
             "--gin.t5_1_1_tiny/T5Config.num_heads=2", "--gin.t5_1_1_tiny/T5Config.d_kv=16",
             "--gin.EVAL_EVERY=0", "--gin.train.log_every=1",
-            "--gin.CheckpointConfig.save_every=4", "--gin.CheckpointConfig.keep=5"]
+            "--gin.CheckpointConfig.save_every=5"]
 
 
 def _env(cache_dir):
+    """The test process's environment (8 fake devices) plus its compilation cache."""
     env = dict(os.environ)
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -161,7 +161,7 @@ def _env(cache_dir):
 
 
 def _losses(model_dir):
-    """step -> loss from every line logged (a resumed run logs some steps twice)."""
+    """step -> set of losses logged for it (a resumed run logs some steps twice)."""
     by_step = {}
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         for line in f:
@@ -175,32 +175,31 @@ def _losses(model_dir):
 
 @pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, compilation_cache):  # noqa: F811
-    env = _env(compilation_cache)
-    full = subprocess.run(_train_cmd(tmp_path / "full"), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    from ssr_jax import cli  # pylint: disable=import-outside-toplevel
+    # The uninterrupted reference runs in this process (same 8 devices and programs; its
+    # compiled programs land in the cache the subprocesses read).
+    assert cli.main(_train_args(tmp_path / "full")) == 0
 
+    cmd = [sys.executable, "-m", "ssr_jax.cli"] + _train_args(tmp_path / "killed")
+    env = _env(compilation_cache)
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed_dir), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 400
-    while not os.path.isdir(killed_dir / "checkpoints" / "4") and time.time() < deadline:
+    while not os.path.isdir(killed_dir / "checkpoints" / "5") and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    steps_before = max(_losses(killed_dir))
-    assert steps_before < 14, "the run finished before it could be killed"
+    assert max(_losses(killed_dir)) < 10, "the run finished before it could be killed"
 
-    resumed = subprocess.run(_train_cmd(killed_dir), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step" in resumed.stdout
+    assert "resumed from step 5" in resumed.stdout
     full_losses, killed_losses = _losses(tmp_path / "full"), _losses(killed_dir)
-    assert sorted(killed_losses) == list(range(1, 15))
+    assert sorted(killed_losses) == list(range(1, 11))
     for step, values in killed_losses.items():
         assert values == full_losses[step], f"step {step}: {values} vs {full_losses[step]}"
-    a = ckpt.load_params(str(tmp_path / "full"))
-    b = ckpt.load_params(str(killed_dir))
-    _assert_same(a, b)
-    assert ckpt.resolve_step_dir(str(killed_dir)).endswith("14")
+    _assert_same(ckpt.load_params(str(tmp_path / "full")), ckpt.load_params(str(killed_dir)))
+    assert ckpt.resolve_step_dir(str(killed_dir)).endswith("10")

@@ -121,6 +121,8 @@ def test_logits_match_transformers(hf_pair):
 def test_greedy_matches_transformers_generate(hf_pair):
     import torch
     hf, params, config = hf_pair
+    if config == TINY:
+        pytest.skip("checked on the T5 1.0 config (tied, scaled logits); the cache on 1.1")
     batch = padded_batch(seed=1)
     enc = torch.tensor(np.asarray(batch["encoder_input_tokens"]), dtype=torch.long)
     max_len = 12

@@ -12,6 +12,7 @@ from ssr_jax.errors import UserError
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.ssr import offline, online
 from ssr_jax.ssr import teacher as tl
+from ssr_jax.ssr.curriculum import SpanCurriculum
 from ssr_jax.train.input_stage import DatasetConfig
 from test_teacher import VOCAB, make_teacher_checkpoint
 
@@ -34,9 +35,9 @@ def dataset():
     return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=4, seed=1, shuffle=False)
 
 
-def config(k=2):
+def config(k=2, curriculum=None):
     return online.SsrStageConfig(examples_per_row=2, span_corruption_examples=k,
-                                 span_corruption_task=SC_TASK)
+                                 span_corruption_task=SC_TASK, curriculum=curriculum)
 
 
 def host(batch):
@@ -58,17 +59,19 @@ def read_all(output_dir):
 def test_online_and_offline_give_identical_batches(tmp_path, teacher_dir):
     partitioner = Partitioner({"data": 2, "model": 4})
     teacher = tl.TeacherConfig(teacher_dir, seed=5)
-    stage = online.online_stage(dataset(), partitioner, 1, teacher, config(), VOCAB)
+    # With a span-length curriculum on the first two steps: the same examples are chosen.
+    ssr = config(curriculum=SpanCurriculum(steps=2, start_max_mean_span=2.0))
+    stage = online.online_stage(dataset(), partitioner, 1, teacher, ssr, VOCAB)
     online_batches = [host(stage.start_next().result()) for _ in range(3)]
     stage.close()
     out = str(tmp_path / "spans")
     record = offline.generate_spans(teacher=teacher, dataset=dataset(), output_dir=out,
-                                    partitioner=partitioner, ssr=config(), num_steps=3,
+                                    partitioner=partitioner, ssr=ssr, num_steps=3,
                                     chunk_steps=2, student_vocab_size=VOCAB)
     assert record["complete"] and record["examples"] == 3 * 6
     assert [os.path.basename(p) for p in offline.list_chunks(out)] == [
             offline.chunk_name(0, 0, 1), offline.chunk_name(1, 0, 1)]
-    stage = offline.offline_stage(dataset(), partitioner, 1, out, config())
+    stage = offline.offline_stage(dataset(), partitioner, 1, out, ssr)
     for expected in online_batches:
         got = host(stage.start_next().result())
         assert got.keys() == expected.keys()

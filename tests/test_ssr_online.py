@@ -12,6 +12,7 @@ from ssr_jax.models.base import DecodeConfig
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.ssr import online
 from ssr_jax.ssr import teacher as tl
+from ssr_jax.ssr.curriculum import SpanCurriculum
 from ssr_jax.train.input_stage import DatasetConfig
 from test_teacher import SMALL, VOCAB, make_teacher_checkpoint
 
@@ -126,6 +127,50 @@ def test_perfect_teacher_restores_the_original_text(vocabulary):
     metrics = stage.pop_metrics()
     assert metrics["ssr/valid_fill_rate"] == 1.0 and metrics["ssr/exact_copy_rate"] == 1.0
     assert metrics["ssr/fill_to_original_length"] == pytest.approx(1.0)
+    stage.close()
+
+
+class EmptyTeacher:
+    """Test stub: always answers nothing (every span falls back to the empty fill)."""
+
+    def __init__(self, max_len):
+        self.decode = DecodeConfig(method="sample", max_decode_length=max_len)
+
+    def generate(self, inputs, keys, stops, lens):
+        return jnp.zeros((inputs.shape[0], self.decode.max_decode_length), jnp.int32)
+
+
+def test_span_curriculum_gives_shorter_spans_first(vocabulary):
+    curriculum = SpanCurriculum(steps=2, start_max_mean_span=1.0, end_max_mean_span=1.5)
+    assert curriculum.max_mean_span(0) == 1.0 and curriculum.max_mean_span(1) == 1.5
+    assert curriculum.max_mean_span(2) is None
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    cfg = dataset()
+    config = stage_config(span_corruption_examples=0, curriculum=curriculum)
+    plan = online.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
+    ssr, _ = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    stage = online.SSRStage(plan, partitioner, vocabulary, ssr, None, EmptyTeacher(16),
+                            config=config)
+
+    def mean_spans(batch):
+        out = []
+        for _, target in segments(host(batch)):
+            n = sum(4000 <= t < 4100 for t in target.tolist())
+            out.append((len(target) - 1 - n) / n)
+        return out
+
+    limits = [1.0, 1.5, None]
+    longest = []
+    for step, limit in enumerate(limits):
+        spans = mean_spans(stage.start_next().result())
+        assert len(spans) == 8
+        if limit is not None:
+            assert max(spans) <= limit
+        longest.append(max(spans))
+        if step == 0:
+            assert stage.get_state()["ssr"]["skip"] > 8  # rejected examples were read
+    assert longest[2] > 1.5
+    assert stage.get_state()["step"] == 3
     stage.close()
 
 

@@ -5,6 +5,7 @@ a second) are shared with test_checkpoints.py.
 """
 import glob
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -114,11 +115,14 @@ class ArrayStage:
         def result(self):
             return self._batch
 
-    def __init__(self, partitioner, batch_size=8, poison_from=None):
+    def __init__(self, partitioner, batch_size=8, poison_from=None, sigterm_at=None):
         self.partitioner, self.batch_size, self.poison_from = partitioner, batch_size, poison_from
+        self.sigterm_at = sigterm_at
         self.position = 0
 
     def start_next(self):
+        if self.position == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
         poison = self.poison_from is not None and self.position >= self.poison_from
         batch = array_batch(self.position, self.batch_size, poison=poison)
         self.position += 1
@@ -134,7 +138,7 @@ class ArrayStage:
         pass
 
 
-def run_train(model_dir, train_steps, poison_from=None, **kwargs):
+def run_train(model_dir, train_steps, poison_from=None, sigterm_at=None, **kwargs):
     """trainer.train on BigramModel + ArrayStage with small defaults."""
     part = Partitioner({"data": 4, "model": 2})
     args = dict(model=BigramModel(), model_dir=str(model_dir),
@@ -142,7 +146,8 @@ def run_train(model_dir, train_steps, poison_from=None, **kwargs):
                 train_steps=train_steps,
                 optimizer=optimizers.adafactor(optimizers.rsqrt_schedule(0.5, 4)),
                 partitioner=part, log_every=1,
-                input_stage_factory=lambda cfg, p, m: ArrayStage(p, cfg.batch_size, poison_from))
+                input_stage_factory=lambda cfg, p, m: ArrayStage(p, cfg.batch_size, poison_from,
+                                                                 sigterm_at))
     args.update(kwargs)
     return trainer.train(**args)
 
@@ -220,6 +225,36 @@ def test_loop_resume_matches_uninterrupted_run_and_writes_logs(tmp_path, capsys)
     assert glob.glob(str(tmp_path / "full" / "train" / "events.out.tfevents.*"))
     assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == [
             "6", "9", "model_config.json"]
+
+
+def test_sigterm_saves_and_stops_then_the_run_resumes(tmp_path, capsys):
+    full = run_train(tmp_path / "full", 8, checkpoint=_ckpt(100))
+    first = run_train(tmp_path / "split", 8, sigterm_at=4, checkpoint=_ckpt(100))
+    # The signal arrives during step 4; the loop notices at the next step boundary, finishes
+    # that step (its batch was already taken) and saves.
+    assert first.preempted and int(first.state.step) == 5
+    assert "preempted: saved step 5" in capsys.readouterr().out
+    second = run_train(tmp_path / "split", 8, checkpoint=_ckpt(100))
+    assert not second.preempted
+    for a, b in zip(jax.tree.leaves(second.state), jax.tree.leaves(full.state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_initial_checkpoint_gives_params_only_and_own_checkpoints_win(tmp_path, capsys):
+    pretrained = run_train(tmp_path / "pre", 3, checkpoint=_ckpt(0))
+    fine = run_train(tmp_path / "fine", 2, initial_checkpoint_path=str(tmp_path / "pre"),
+                     checkpoint=_ckpt(1))
+    assert "initialised params from" in capsys.readouterr().out
+    # Starts at step 0 from the pretrained params (fresh optimizer state and step count).
+    assert int(fine.state.step) == 2 and fine.train_metrics[0]["step"] == 1
+    scratch = run_train(tmp_path / "scratch", 1, checkpoint=_ckpt(0))
+    assert fine.train_metrics[0]["loss"] < scratch.train_metrics[0]["loss"] - 0.5
+    del pretrained
+    # Rerun in the same MODEL_DIR: its own checkpoint (step 2) wins over the initial one.
+    again = run_train(tmp_path / "fine", 3, initial_checkpoint_path=str(tmp_path / "pre"),
+                      checkpoint=_ckpt(1))
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert [m["step"] for m in again.train_metrics] == [3]
 
 
 def test_eval_during_training_uses_a_fixed_set_of_batches(tmp_path, capsys, monkeypatch):

@@ -39,6 +39,7 @@ from ssr_jax.data.ssr_preprocessors import RewriteStats
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import online
 from ssr_jax.ssr import teacher as teacher_lib
+from ssr_jax.ssr.curriculum import take
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -184,6 +185,7 @@ def _manifest(cfg, plan: online.SlotPlan, teacher: teacher_lib.TeacherConfig, vo
             "span_corruption_examples_per_step": plan.sc_examples,
             "num_shards": plan.ssr_shard[1], "examples_per_step_per_shard": plan.host_ssr,
             "teacher": os.path.abspath(teacher.checkpoint_path), "sampler": sampler,
+            "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum else None,
             "vocabulary": teacher_lib.vocab_record(vocabulary), "num_steps": num_steps,
             "chunk_steps": chunk_steps}
 
@@ -283,8 +285,9 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
                                                          num_steps - chunk * chunk_steps)
         examples: List[Dict[str, np.ndarray]] = []
         prev, prev_real = None, 0
-        for _ in range(steps):
-            got = pipeline.next_examples(plan.host_ssr)
+        for i in range(steps):
+            got, _ = take(pipeline, plan.host_ssr, chunk * chunk_steps + i, ssr.curriculum,
+                          vocabulary)
             ended = _any_over_hosts(len(got) < plan.host_ssr)
             real = len(got)
             got += [{"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32)}
@@ -357,7 +360,9 @@ def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
     plan = online.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
                              num_microbatches)
     expect = {"slot_lengths": list(plan.slot_lengths),
-              "ssr_examples_per_step": plan.ssr_examples, "split": cfg.split}
+              "ssr_examples_per_step": plan.ssr_examples, "split": cfg.split,
+              "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum
+              else None}
     wrong = {k: (manifest.get(k), v) for k, v in expect.items() if manifest.get(k) != v}
     if wrong:
         raise UserError(f"offline SSR data {output_dir} does not fit this run (written, now): "
@@ -379,8 +384,9 @@ def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
     print(f"offline SSR: {output_dir} ({steps if steps else 'one pass of'} steps of "
           f"{plan.ssr_examples} rewritten + {plan.sc_examples} span-corruption examples)",
           flush=True)
+    # The curriculum chose the examples at generation time; read them all, in order.
     return online.SSRStage(plan, partitioner, vocabulary, ssr_pipe, sc_pipe, None, 0,
-                           2.0, config)
+                           2.0, dataclasses.replace(config, curriculum=None))
 
 
 # --- command line -----------------------------------------------------------------------------

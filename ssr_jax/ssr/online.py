@@ -29,6 +29,7 @@ devices, timing the teacher alone, and comparing with the mean step time) and th
 the loop's time spent blocked on the teacher.
 """
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ from ssr_jax.data import packing
 from ssr_jax.data.ssr_preprocessors import RewriteStats, rewrite_batch, teacher_decode_lengths
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import teacher as teacher_lib
+from ssr_jax.ssr.curriculum import SpanCurriculum, take
 
 Example = Mapping[str, np.ndarray]
 
@@ -57,6 +59,7 @@ class SsrStageConfig:
       replays at most this many steps of examples, without the teacher).
     probe_every: steps between teacher timing probes (0 = never); each costs one bubble.
     prefetch: host batches of examples read ahead by a background thread.
+    curriculum: optional span-length curriculum for the SSR examples (curriculum.py).
     """
 
     examples_per_row: int = 2
@@ -65,6 +68,7 @@ class SsrStageConfig:
     snapshot_every: int = 100
     probe_every: int = 50
     prefetch: int = 2
+    curriculum: Optional[SpanCurriculum] = None
 
     def __post_init__(self):
         if self.examples_per_row < 1:
@@ -226,19 +230,22 @@ class SSRStage:
 
     def __init__(self, plan: SlotPlan, partitioner, vocabulary, ssr_pipeline, sc_pipeline=None,
                  teacher: Optional[teacher_lib.Teacher] = None, seed: int = 0,
-                 fill_ratio: float = 2.0, config: SsrStageConfig = SsrStageConfig()):
+                 fill_ratio: float = 2.0, config: SsrStageConfig = SsrStageConfig(),
+                 summary_path: Optional[str] = None):
         self.plan, self.partitioner, self.vocabulary = plan, partitioner, vocabulary
         self.teacher, self.seed, self.fill_ratio, self.config = teacher, seed, fill_ratio, config
         self._pipelines = {"ssr": ssr_pipeline}
         if sc_pipeline is not None:
             self._pipelines["span_corruption"] = sc_pipeline
         self._counts = {"ssr": plan.host_ssr, "span_corruption": plan.host_sc}
-        self._state = self._snapshot_state()
+        self._state = self._snapshot_state(0)
         self._queue: "queue.Queue" = queue.Queue(max(1, config.prefetch))
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._started = 0
         self._metrics = _Metrics()
+        self._total = _Metrics()
+        self.summary_path = summary_path
 
     # InputStage ------------------------------------------------------------------------------
     def start_next(self) -> _Pending:
@@ -256,6 +263,7 @@ class SSRStage:
             if probe:
                 jax.block_until_ready(call.output)
                 self._metrics.teacher_seconds = time.perf_counter() - t0
+                self._total.teacher_seconds = self._metrics.teacher_seconds
         return _Pending(self, call, ssr, sc)
 
     def get_state(self) -> Any:
@@ -264,7 +272,7 @@ class SSRStage:
     def set_state(self, state: Any) -> None:
         self._halt()
         for name, pipeline in self._pipelines.items():
-            entry = state[name]
+            entry = state[name]  # a snapshot + the examples read after it
             pipeline.set_state(entry["snapshot"])
             if entry["skip"]:
                 got = len(pipeline.next_examples(int(entry["skip"])))
@@ -274,16 +282,40 @@ class SSRStage:
         self._state = state
 
     def close(self) -> None:
+        """Stops the prefetch thread; writes `summary()` to summary_path (process 0)."""
         self._halt()
+        summary = self.summary()
+        if summary and jax.process_index() == 0:
+            if self.teacher is not None and "ssr/spans" in summary:
+                print(f"online SSR over {int(summary['ssr/steps'])} steps: "
+                      f"{summary['ssr/valid_fill_rate']:.1%} of spans filled validly, "
+                      f"{summary['ssr/exact_copy_rate']:.1%} exact copies, mean fill "
+                      f"{summary['ssr/mean_fill_length']:.2f} vs original "
+                      f"{summary['ssr/mean_original_length']:.2f} tokens"
+                      + (f", teacher {summary['ssr/teacher_time_share']:.0%} of the step time"
+                         if "ssr/teacher_time_share" in summary else ""), flush=True)
+            if self.summary_path:
+                import json  # pylint: disable=import-outside-toplevel
+                os.makedirs(os.path.dirname(os.path.abspath(self.summary_path)), exist_ok=True)
+                with open(self.summary_path, "w") as f:
+                    json.dump(summary, f, indent=2)
 
     def pop_metrics(self) -> Dict[str, float]:
         """Scalars over the steps since the last call (this host's examples)."""
-        m, self._metrics = self._metrics, _Metrics()
+        window, self._metrics = self._metrics, _Metrics()
+        return self._scalars(window)
+
+    def summary(self) -> Dict[str, float]:
+        """The same scalars over every step so far."""
+        return self._scalars(self._total)
+
+    def _scalars(self, m: "_Metrics") -> Dict[str, float]:
         if not m.steps:
             return {}
-        out = {k: float(v) for k, v in m.stats.summary().items()} if self.teacher else {}
+        out: Dict[str, float] = {"ssr/steps": float(m.steps)}
         if self.teacher is not None:
-            mean_orig = out.get("ssr/mean_original_length", 0.0)
+            out.update({k: float(v) for k, v in m.stats.summary().items()})
+            mean_orig = out["ssr/mean_original_length"]
             out["ssr/fill_to_original_length"] = (out["ssr/mean_fill_length"] / mean_orig
                                                   if mean_orig else 0.0)
         out["ssr/examples_per_step"] = float(self.plan.ssr_examples)
@@ -291,6 +323,7 @@ class SSRStage:
         out["ssr/host_seconds_per_step"] = m.host_seconds / m.steps
         if m.first_result is not None and m.last_result is not None and m.steps > 1:
             step_seconds = (m.last_result - m.first_result) / (m.steps - 1)
+            out["ssr/step_seconds"] = step_seconds
             out["ssr/teacher_wait_share"] = min(1.0, m.waited / m.steps / step_seconds)
             if m.teacher_seconds is not None:
                 out["ssr/teacher_seconds"] = m.teacher_seconds
@@ -303,18 +336,19 @@ class SSRStage:
         t0 = time.perf_counter()
         if call is not None:
             examples, stats, waited = call.rewrite()
-            self._metrics.stats = self._metrics.stats.merge(stats)
         else:
             examples = [{"inputs": ex["inputs"], "targets": ex["targets"]} for ex in ssr]
         examples += [{"inputs": ex["inputs"], "targets": ex["targets"]} for ex in sc]
         batch = self.pack(examples)
         now = time.perf_counter()
-        m = self._metrics
-        m.steps += 1
-        m.waited += waited
-        m.host_seconds += now - t0 - waited
-        m.first_result = m.first_result if m.first_result is not None else now
-        m.last_result = now
+        for m in (self._metrics, self._total):
+            if call is not None:
+                m.stats = m.stats.merge(stats)
+            m.steps += 1
+            m.waited += waited
+            m.host_seconds += now - t0 - waited
+            m.first_result = m.first_result if m.first_result is not None else now
+            m.last_result = now
         return self.partitioner.make_global_batch(batch)
 
     def pack(self, examples: Sequence[Example]) -> Dict[str, np.ndarray]:
@@ -327,9 +361,11 @@ class SSRStage:
                                f"lengths {self.plan.slot_lengths} x m must fit a row.")
         return batch
 
-    def _snapshot_state(self) -> Dict[str, Any]:
-        return {name: {"snapshot": p.get_state(), "skip": 0}
-                for name, p in self._pipelines.items()}
+    def _snapshot_state(self, step: int) -> Dict[str, Any]:
+        state: Dict[str, Any] = {name: {"snapshot": p.get_state(), "skip": 0}
+                                 for name, p in self._pipelines.items()}
+        state["step"] = step
+        return state
 
     def _take(self):
         if self._thread is None:
@@ -353,18 +389,22 @@ class SSRStage:
         try:
             state = self._state
             count = 0
+            curriculum = self.config.curriculum if self.teacher is not None else None
             while not stop.is_set():
+                step = int(state.get("step", 0))
                 if count % max(1, self.config.snapshot_every) == 0:
-                    state = self._snapshot_state()
-                taken = {}
+                    state = self._snapshot_state(step)
+                taken, read = {}, {}
                 for name, pipeline in self._pipelines.items():
                     need = self._counts[name]
-                    taken[name] = pipeline.next_examples(need)
+                    taken[name], read[name] = take(pipeline, need, step, curriculum
+                                                   if name == "ssr" else None, self.vocabulary)
                     if len(taken[name]) < need:
                         raise StopIteration(f"the {name} input pipeline ran out of examples")
                 state = {name: {"snapshot": state[name]["snapshot"],
-                                "skip": state[name]["skip"] + self._counts[name]}
+                                "skip": state[name]["skip"] + read[name]}
                          for name in self._pipelines}
+                state["step"] = step + 1
                 count += 1
                 item = (taken["ssr"], taken.get("span_corruption", []), state)
                 while not stop.is_set():
@@ -422,7 +462,8 @@ def make_pipelines(cfg, plan: SlotPlan, config: SsrStageConfig, task_name: str,
 
 def online_stage(cfg, partitioner, num_microbatches: int, teacher_config: teacher_lib.TeacherConfig,
                  config: SsrStageConfig = SsrStageConfig(),
-                 student_vocab_size: Optional[int] = None) -> SSRStage:
+                 student_vocab_size: Optional[int] = None,
+                 summary_path: Optional[str] = None) -> SSRStage:
     """The online SSR stage for a student DatasetConfig (its task: an SSR-masked task; its
     lengths and batch size: the student's). Checks the teacher before loading anything."""
     vocabulary = task_vocabulary(cfg.mixture_or_task_name, cfg.module)
@@ -439,4 +480,4 @@ def online_stage(cfg, partitioner, num_microbatches: int, teacher_config: teache
           f"{plan.sc_examples} span-corruption examples of slot {plan.slot_lengths} -> "
           f"{plan.rows} rows of {plan.student_lengths}", flush=True)
     return SSRStage(plan, partitioner, vocabulary, ssr, sc, teacher, teacher_config.seed,
-                    teacher_config.fill_ratio, config)
+                    teacher_config.fill_ratio, config, summary_path)

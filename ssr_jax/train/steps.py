@@ -143,15 +143,3 @@ def make_eval_step(model: BaseModel, partitioner: Partitioner,
     jitted = jax.jit(step, in_shardings=(param_shardings, None),
                      out_shardings=partitioner.replicated())
     return _in_context(partitioner, jitted)
-
-
-def summarize(metrics: Mapping[str, Any]) -> Dict[str, float]:
-    """Host-side: summed metrics (possibly over many steps) -> means per weighted token."""
-    w = max(float(metrics["weight_sum"]), 1.0)
-    out = {"loss": float(metrics.get("loss_sum", metrics["cross_ent_sum"] + metrics["z_loss_sum"]))
-           / w,
-           "accuracy": float(metrics["correct_sum"]) / w,
-           "cross_ent_loss": float(metrics["cross_ent_sum"]) / w,
-           "z_loss": float(metrics["z_loss_sum"]) / w,
-           "weight_sum": float(metrics["weight_sum"])}
-    return out

@@ -121,9 +121,9 @@ class _Run:
             stage.set_state(data_state)
         train_step = steps_lib.make_train_step(model, optimizer, partitioner, shardings,
                                                num_microbatches)
-        batch_shapes = {k: (train_dataset.batch_size, n) for k, n in _lengths(train_dataset)}
+        batch_shapes = _batch_shapes(train_dataset)
         flops = metrics_lib.train_flops_per_step(abstract.params, batch_shapes)
-        tokens = sum(int(np.prod(s)) for k, s in batch_shapes.items())
+        tokens = sum(int(np.prod(s)) for s in batch_shapes.values())  # incl. padding
         logger = metrics_lib.MetricsLogger(model_dir, train_steps, tokens, flops,
                                            metrics_lib.peak_flops(peak_flops_per_device))
         print(f"model: {metrics_lib.count_params(abstract.params):,} params; "
@@ -180,10 +180,10 @@ def _model_config(model: BaseModel) -> Optional[dict]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
 
 
-def _lengths(cfg: DatasetConfig):
+def _batch_shapes(cfg: DatasetConfig) -> Dict[str, tuple]:
     lengths = dict(cfg.task_feature_lengths)
-    return [("encoder_input_tokens", lengths.get("inputs", 0)),
-            ("decoder_target_tokens", lengths.get("targets", 0))]
+    return {"encoder_input_tokens": (cfg.batch_size, lengths.get("inputs", 0)),
+            "decoder_target_tokens": (cfg.batch_size, lengths.get("targets", 0))}
 
 
 def _make_evaluator(model, partitioner, param_shardings, cfg: Optional[DatasetConfig],

@@ -1,0 +1,34 @@
+"""`ssr-jax default-run`, shrunk to a few steps: teacher -> online SSR student -> eval -> HF."""
+import json
+import os
+
+import pytest
+
+from ssr_jax import default_run
+from ssr_jax.errors import UserError
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(UserError, match="must be >= 1"):
+        default_run.main([f"--out_dir={tmp_path}", "--student_steps=0"])
+
+
+@pytest.mark.slow
+def test_shrunken_default_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert default_run.main([f"--out_dir={out}", "--teacher_steps=4", "--student_steps=4",
+                             "--eval_batches=1"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("teacher", "student"):
+        assert os.path.isdir(os.path.join(summary[name], "checkpoints", "4", "params"))
+        assert summary["eval"][name]["weight_sum"] > 0
+        assert str(summary[name]) in printed
+    # The teacher's vocabulary is recorded next to its checkpoints.
+    assert (out / "teacher" / "checkpoints" / "vocab.json").is_file()
+    ssr = json.loads((out / "student" / "ssr_summary.json").read_text())
+    assert ssr["ssr/steps"] >= 4 and ssr["ssr/spans"] > 0
+    hf = out / "student_hf"
+    assert (hf / "config.json").is_file() and str(hf) in printed
+    assert any(f.endswith((".safetensors", ".bin")) for f in os.listdir(hf))
+    assert "default run finished" in printed
