@@ -32,7 +32,7 @@ def _call_layer(layer, *args):
 
 def _layer_runner(remat_policy: str):
     if remat_policy == "full":
-        # Recompute each layer's activations in the backward pass: memory O(layers * x).
+        # Keep only each layer's inputs; recompute its internals in the backward pass.
         return nnx.remat(_call_layer)
     if remat_policy == "none":
         return _call_layer
@@ -50,7 +50,7 @@ def _mask_to_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
 
 
-def _cross_bias(decoder_len: int, encoder_tokens: jax.Array, pad_id: int,
+def _cross_bias(encoder_tokens: jax.Array, pad_id: int,
                 decoder_segment_ids: Optional[jax.Array],
                 encoder_segment_ids: Optional[jax.Array]) -> jax.Array:
     """[b, 1, q or 1, k]: encoder padding, plus same-segment when packed."""
@@ -190,7 +190,7 @@ class Decoder(nnx.Module):
             mask = mask & (decoder_segment_ids[:, None, :, None]
                            == decoder_segment_ids[:, None, None, :])
         self_bias = self.relpos_bias(pos, pos) + _mask_to_bias(mask)
-        cross_bias = _cross_bias(t, encoder_tokens, c.pad_id, decoder_segment_ids,
+        cross_bias = _cross_bias(encoder_tokens, c.pad_id, decoder_segment_ids,
                                  encoder_segment_ids)
         keys = split_key(dropout_key, c.num_decoder_layers + 2)
         run = _layer_runner(c.remat_policy)
@@ -276,7 +276,7 @@ class T5Transformer(nnx.Module):
         c = self.config
         encoded = self.encode(encoder_input_tokens)
         cross = self.decoder.cross_kv(encoded)
-        bias = _cross_bias(1, encoder_input_tokens, c.pad_id, None, None)
+        bias = _cross_bias(encoder_input_tokens, c.pad_id, None, None)
         if num_repeats > 1:
             rep = lambda a: jnp.repeat(a, num_repeats, axis=0)  # noqa: E731
             cross, bias = jax.tree.map(rep, (cross, bias))

@@ -206,6 +206,14 @@ def _any_over_hosts(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+def _sync(name: str):
+    """All hosts reach this point (so every shard's files are in place)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=C0415
+        multihost_utils.sync_global_devices(name)
+
+
 def _write_chunk(path: str, examples: Sequence[Dict[str, np.ndarray]]):
     import jax  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -321,6 +329,7 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
                   f"{time.time() - t_start:.0f}s)", flush=True)
         if stop_after_chunks is not None and committed >= stop_after_chunks and not done:
             return record
+    _sync("generate_spans_done")
     summary = _summary(record.get("stats"))
     if jax.process_index() == 0:
         print(f"generate-spans: done; {record['examples']} examples in shard {shard} of "

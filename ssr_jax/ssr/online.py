@@ -104,7 +104,8 @@ def plan_slots(task_feature_lengths: Mapping[str, int], batch_size: int,
                config: SsrStageConfig, partitioner, num_microbatches: int = 1) -> SlotPlan:
     """Validates the SSR step sizes against the student's lengths, batch and mesh."""
     m = config.examples_per_row
-    length_in, length_tgt = int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"])
+    length_in = int(task_feature_lengths["inputs"])
+    length_tgt = int(task_feature_lengths["targets"])
     if length_in % m or length_tgt % m:
         raise UserError(f"TASK_FEATURE_LENGTHS {dict(task_feature_lengths)} are not divisible by "
                         f"SSR examples_per_row={m}: the masked examples' slot lengths are the "
@@ -204,7 +205,8 @@ class _Pending:
 
     def result(self):
         if self._batch is None:
-            self._batch = self._stage._finish(self._call, self._ssr, self._sc)  # pylint: disable=W0212
+            stage = self._stage
+            self._batch = stage._finish(self._call, self._ssr, self._sc)  # pylint: disable=W0212
             self._call = self._ssr = self._sc = None
         return self._batch
 

@@ -32,10 +32,16 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssr_jax.errors import UserError
+from ssr_jax.models import decoding
+from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
+from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+from ssr_jax.train import checkpoints
 
 VOCAB_RECORD_FILE = "vocab.json"
 TEACHER_DTYPES = ("float32", "bfloat16")
@@ -115,7 +121,6 @@ def read_vocab_record(step_dir: str) -> Optional[Dict[str, Any]]:
 
 
 def _resolve_checkpoint(checkpoint_path: str) -> str:
-    from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
     if not checkpoint_path:
         raise UserError("no SSR teacher checkpoint: set TEACHER_CHECKPOINT to a trained "
                         "T5 checkpoint (ours, or `ssr-jax import-hf` of a Hugging Face T5).")
@@ -133,7 +138,6 @@ def teacher_model_config(cfg: TeacherConfig) -> T5Config:
     if cfg.model_config is not None:
         config = cfg.model_config
     else:
-        from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
         stored = checkpoints.load_model_config(step_dir)
         if not stored:
             raise UserError(f"SSR teacher checkpoint {step_dir} has no model_config.json; "
@@ -229,8 +233,6 @@ def nucleus_filter(logits, top_k: int = 0, top_p: float = 1.0, iterations: int =
     a few passes over the vocabulary instead of a full sort per step (30x cheaper on CPU).
     The most likely token is always kept, so a tiny top_p is greedy.
     """
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     logits = logits.astype(jnp.float32)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -253,8 +255,6 @@ def nucleus_filter(logits, top_k: int = 0, top_p: float = 1.0, iterations: int =
 def _sample(model, decode, params, inputs, keys, stops, max_lens):
     """Ancestral sampling with the KV cache (ssr_jax.models.decoding.sample_decode); the
     step function returns logits already tempered and nucleus/top-k filtered."""
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from ssr_jax.models import decoding  # pylint: disable=import-outside-toplevel
     c = model.config
     module = model.module(params)
     state = module.init_decode_state(inputs, decode.max_decode_length)
@@ -278,7 +278,6 @@ _SAMPLERS: Dict[Any, Any] = {}
 def _sampler(model, decode, partitioner, param_shardings):
     """The jitted sampler, shared by teachers of the same config, decoding and mesh (so a
     reloaded teacher reuses the compiled program)."""
-    import jax  # pylint: disable=import-outside-toplevel
     key = (model.config, decode, partitioner.mesh, partitioner.rules)
     if key not in _SAMPLERS:
         batch = partitioner.batch_sharding()
@@ -298,7 +297,6 @@ class Teacher:
     """
 
     def __init__(self, model, params, partitioner, decode, param_shardings):
-        import jax  # pylint: disable=import-outside-toplevel
         self.model, self.params, self.partitioner, self.decode = model, params, partitioner, decode
         self.config: T5Config = model.config
         self._sample = _sampler(model, decode, partitioner, param_shardings)
@@ -307,10 +305,6 @@ class Teacher:
     def load(cls, cfg: TeacherConfig, partitioner, vocabulary, max_decode_length: int,
              student_vocab_size: Optional[int] = None) -> "Teacher":
         """Checks (no compute), then restores the params into their shardings."""
-        import jax  # pylint: disable=import-outside-toplevel
-        from ssr_jax.models.base import DecodeConfig  # pylint: disable=import-outside-toplevel
-        from ssr_jax.models.encoder_decoder import EncoderDecoderModel  # pylint: disable=C0415
-        from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
         config = check_teacher(cfg, vocabulary, student_vocab_size)
         model = EncoderDecoderModel(config)
         abstract = model.param_shapes()
@@ -329,7 +323,6 @@ class Teacher:
 
     def param_bytes_per_device(self) -> int:
         """Bytes of teacher params on the first device (to check that it is sharded)."""
-        import jax  # pylint: disable=import-outside-toplevel
         device = self.partitioner.mesh.devices.flat[0]
         total = 0
         for leaf in jax.tree.leaves(self.params):

@@ -67,8 +67,7 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
             window.append(step_metrics)
             batch = pending.result() if pending is not None else None
             if step % log_every == 0 or step == train_steps or stop:
-                seconds = time.time() - tick - paused
-                result.train_metrics.append(run.log_window(step, window, seconds))
+                result.train_metrics.append(run.log_window(step, window, tick + paused))
                 window, tick, paused = [], time.time(), 0.0
             if save:
                 run.checkpointer.save(state, data_state)
@@ -134,9 +133,11 @@ class _Run:
                    max_consecutive_nonfinite)
 
     def log_window(self, step: int, window: List[Dict[str, jax.Array]],
-                   seconds: float) -> Dict[str, float]:
-        """The only per-window host sync: fetch the window's metrics, print and write them."""
+                   since: float) -> Dict[str, float]:
+        """The only per-window host sync: fetch the window's metrics (waiting for its last
+        step), then time, print and write them. `since`: the window's start (+ pauses)."""
         fetched = jax.device_get(window)
+        seconds = time.time() - since
         summed = {k: float(sum(m[k] for m in fetched))
                   for k in ("loss_sum", *steps_lib.AUX_KEYS, "nonfinite")}
         summed["grad_norm"] = float(fetched[-1]["grad_norm"])
