@@ -1,91 +1,164 @@
-"""Starting JAX's multi-controller runtime (`jax.distributed`) from flags or the environment.
+"""Multi-process runs: joining JAX's multi-controller runtime, and failing fast, not hanging.
 
 One process per host (TPU VM worker) or per GPU/node (SLURM). Every process runs the same
-program; each feeds its own slice of the global batch and writes its own checkpoint shards.
-Which runtime to join, in order of precedence:
+program; each feeds its own slice of the global batch and writes its own checkpoint shards;
+process 0 alone writes logs and TensorBoard. Which runtime to join, in order of precedence:
   1. explicit flags: --coordinator_address, --num_processes, --process_id;
   2. SSR_JAX_COORDINATOR_ADDRESS / SSR_JAX_NUM_PROCESSES / SSR_JAX_PROCESS_ID (what
      launch/local_multiprocess.sh sets);
-  3. a cluster JAX detects itself: SLURM (SLURM_NTASKS > 1) or a multi-host TPU VM pod;
+  3. a cluster JAX detects itself: SLURM (SLURM_NTASKS > 1), a TPU pod listing its workers
+     (TPU_WORKER_HOSTNAMES), or any cluster when --multiprocess=true / SSR_JAX_MULTIPROCESS=1
+     (launch/tpu_pod.sh sets it: JAX then reads the pod from the TPU metadata);
   4. otherwise a single process: nothing to initialise.
+
+Failure handling (a dead or stuck process must not leave the others hanging):
+  * a process that DIES (killed, OOM, machine lost) stops sending heartbeats: JAX's
+    coordination service declares it dead after --heartbeat_timeout_s and aborts every other
+    process (a dead coordinator, process 0, is noticed at once through its closed socket);
+  * a process that RAISES would otherwise wait at JAX's shutdown barrier (5 minutes) while
+    the others block in a collective: `fail_fast` prints the error and exits at once, which
+    turns it into the case above;
+  * a process that is ALIVE BUT STUCK (deadlock, a collective that never completes) keeps
+    heartbeating: `StepWatchdog` exits when no training step finished for --step_timeout_s
+    (3x that for the first step, which compiles).
+Every exit is non-zero; rerunning the same command resumes from the last checkpoint.
 """
+import contextlib
 import dataclasses
+import faulthandler
 import logging
 import os
-from typing import Optional
+import sys
+import threading
+import time
+import traceback
+from typing import Dict, Mapping, Optional
 
 from ssr_jax.errors import UserError
 
 # A dead peer is detected by missed heartbeats; the survivors then stop instead of hanging.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+# No loop iteration (a step, plus the log sync, eval and checkpoint save falling on it) may
+# take longer than this in a multi-process run; the first one gets 3x (it compiles).
+DEFAULT_STEP_TIMEOUT_S = 1800.0
+FIRST_STEP_TIMEOUT_FACTOR = 3.0
+EXIT_ERROR = 1  # an exception in a multi-process run (fail_fast)
+EXIT_USER_ERROR = 2  # a UserError, as the CLI returns it
+EXIT_WATCHDOG = 3  # no step finished in time
+
+# --name flags every multi-process-capable entry point accepts (see add_flags).
+FLAG_NAMES = ("coordinator_address", "num_processes", "process_id", "local_device_ids",
+              "heartbeat_timeout_s", "step_timeout_s", "multiprocess")
+_ENV_PREFIX = "SSR_JAX_"
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    coordinator_address: Optional[str] = None
+    """How this process joins a multi-process run (None: from the environment)."""
+
+    coordinator_address: Optional[str] = None  # host:port of process 0
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
-    local_device_ids: Optional[str] = None  # comma list, e.g. one GPU per process
-    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
+    local_device_ids: Optional[str] = None  # comma list, e.g. "0,1,2,3" for one process/node
+    heartbeat_timeout_s: Optional[int] = None  # default DEFAULT_HEARTBEAT_TIMEOUT_S
+    step_timeout_s: Optional[float] = None  # default DEFAULT_STEP_TIMEOUT_S; 0 = no watchdog
+    multiprocess: bool = False  # let jax.distributed detect the cluster (TPU pod, SLURM, ...)
     initialization_timeout_s: int = 300
+    shutdown_timeout_s: int = 300
     cpu_collectives: str = "gloo"
 
 
+# The config of the runtime this process joined (None: not initialised by us).
+_ACTIVE: Optional[DistributedConfig] = None
+
+
 def add_flags(parser) -> None:
-    """The distributed flags every multi-host-capable command accepts."""
+    """The distributed flags, for an argparse-based entry point."""
     parser.add_argument("--coordinator_address", default=None,
                         help="host:port of process 0's coordinator")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--local_device_ids", default=None,
                         help="comma list of local device ids this process uses")
-    parser.add_argument("--heartbeat_timeout_s", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S,
-                        help="seconds after which a silent peer is declared dead")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=None,
+                        help="seconds after which a silent peer is declared dead "
+                        f"(default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
+    parser.add_argument("--step_timeout_s", type=float, default=None,
+                        help="exit when no training step finished for this long "
+                        f"(default {DEFAULT_STEP_TIMEOUT_S:.0f} when multi-process; 0 = never)")
+    parser.add_argument("--multiprocess", default=None,
+                        help="true: join the cluster jax.distributed detects (TPU pod, SLURM)")
 
 
 def config_from_flags(args) -> DistributedConfig:
+    """From an argparse namespace filled by add_flags."""
+    return config_from_strings({n: getattr(args, n, None) for n in FLAG_NAMES})
+
+
+def config_from_strings(values: Mapping[str, Optional[object]]) -> DistributedConfig:
+    """From --name=value flags as strings (e.g. gin_config.parse_flags(...).other)."""
+    def get(name, kind):
+        value = values.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--{name}={value!r} is not a valid {kind.__name__}.") from None
     return DistributedConfig(
-        coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        local_device_ids=args.local_device_ids,
-        heartbeat_timeout_s=args.heartbeat_timeout_s)
+            coordinator_address=get("coordinator_address", str),
+            num_processes=get("num_processes", int),
+            process_id=get("process_id", int),
+            local_device_ids=get("local_device_ids", str),
+            heartbeat_timeout_s=get("heartbeat_timeout_s", int),
+            step_timeout_s=get("step_timeout_s", float),
+            multiprocess=_truthy(values.get("multiprocess")))
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes") if value is not None else False
 
 
 def _from_env(cfg: DistributedConfig) -> DistributedConfig:
-    env = os.environ
-    return dataclasses.replace(
-        cfg,
-        coordinator_address=cfg.coordinator_address or env.get("SSR_JAX_COORDINATOR_ADDRESS"),
-        num_processes=cfg.num_processes if cfg.num_processes is not None else
-        _int_env("SSR_JAX_NUM_PROCESSES"),
-        process_id=cfg.process_id if cfg.process_id is not None else
-        _int_env("SSR_JAX_PROCESS_ID"))
+    """Fills every unset field from its SSR_JAX_<NAME> environment variable."""
+    updates: Dict[str, object] = {}
+    for name, kind in (("coordinator_address", str), ("num_processes", int),
+                       ("process_id", int), ("local_device_ids", str),
+                       ("heartbeat_timeout_s", int), ("step_timeout_s", float)):
+        if getattr(cfg, name) is None:
+            updates[name] = _env(_ENV_PREFIX + name.upper(), kind)
+    if not cfg.multiprocess:
+        updates["multiprocess"] = _truthy(os.environ.get(_ENV_PREFIX + "MULTIPROCESS"))
+    return dataclasses.replace(cfg, **updates)
 
 
-def _int_env(name: str) -> Optional[int]:
+def _env(name: str, kind):
     value = os.environ.get(name)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer.") from None
+        raise UserError(f"environment variable {name}={value!r} is not a valid "
+                        f"{kind.__name__}.") from None
 
 
 def _cluster_detected() -> bool:
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         return True
     # Multi-host TPU VMs list their workers; a single-host TPU VM needs no runtime.
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get(
+            "TPU_PROCESS_ADDRESSES", "")
     return len([h for h in hosts.split(",") if h]) > 1
 
 
 def initialize(cfg: DistributedConfig = DistributedConfig()) -> bool:
     """Joins the multi-controller runtime if this run has several processes.
 
-    Must be called before anything touches jax devices. Returns True if initialised.
+    Must be called before anything touches jax devices; calling it again is a no-op.
+    Returns True if this process is (now) part of a multi-process runtime.
     """
+    global _ACTIVE
     import jax
 
     cfg = _from_env(cfg)
@@ -100,26 +173,40 @@ def initialize(cfg: DistributedConfig = DistributedConfig()) -> bool:
             raise UserError(f"--process_id={cfg.process_id} is outside "
                             f"[0, --num_processes={cfg.num_processes}).")
         if cfg.num_processes == 1:
+            _ACTIVE = cfg
             return False
-    elif not _cluster_detected():
+    elif not (cfg.multiprocess or _cluster_detected()):
+        _ACTIVE = cfg
         return False
     if jax.distributed.is_initialized():
         return True
     if _on_cpu():
         # CPU collectives across processes need an implementation; gloo ships with jaxlib.
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-    local_ids = ([int(x) for x in cfg.local_device_ids.split(",")]
+    local_ids = ([int(x) for x in cfg.local_device_ids.split(",") if x.strip()]
                  if cfg.local_device_ids else None)
-    jax.distributed.initialize(
-        coordinator_address=cfg.coordinator_address,
-        num_processes=cfg.num_processes,
-        process_id=cfg.process_id,
-        local_device_ids=local_ids,
-        initialization_timeout=cfg.initialization_timeout_s,
-        heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    heartbeat = cfg.heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S
+    try:
+        jax.distributed.initialize(
+                coordinator_address=cfg.coordinator_address,
+                num_processes=cfg.num_processes,
+                process_id=cfg.process_id,
+                local_device_ids=local_ids,
+                initialization_timeout=cfg.initialization_timeout_s,
+                heartbeat_timeout_seconds=heartbeat,
+                shutdown_timeout_seconds=cfg.shutdown_timeout_s)
+    except (ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not join the multi-process run ({first}); check "
+                        "--coordinator_address/--num_processes/--process_id (or the cluster's "
+                        "environment) and that process 0 is running.") from e
+    _ACTIVE = cfg
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()} "
+          f"(pid {os.getpid()}), {jax.local_device_count()} local / {jax.device_count()} "
+          f"global devices; heartbeat timeout {heartbeat} s", flush=True)
     return True
 
 
@@ -138,3 +225,130 @@ def is_primary() -> bool:
     """Process 0 writes logs, TensorBoard and other single-writer files."""
     import jax
     return jax.process_index() == 0
+
+
+def _process_count() -> int:
+    import jax
+    return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
+def _whoami() -> str:
+    import jax
+    return f"process {jax.process_index()} of {jax.process_count()} (pid {os.getpid()})"
+
+
+def _exit_now(code: int):
+    """Exits without Python's shutdown (atexit would wait at JAX's shutdown barrier while the
+    peers are blocked in a collective). Peers notice through the coordination service."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pylint: disable=broad-except
+            pass
+    os._exit(code)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def fail_fast(command: str = "ssr-jax"):
+    """In a multi-process run, an exception escaping the block ends this process at once
+    (status 2 for a UserError, 1 otherwise) after printing it; single-process runs re-raise."""
+    try:
+        yield
+    except BaseException as e:  # pylint: disable=broad-except
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        if _process_count() <= 1:
+            raise
+        if isinstance(e, UserError):
+            print(f"{command}: error: {e}", file=sys.stderr)
+            code = EXIT_USER_ERROR
+        else:
+            traceback.print_exc()
+            code = EXIT_ERROR
+        print(f"{command}: {_whoami()} failed; exiting now so that the other processes stop "
+              "too (rerun the same command to resume from the last checkpoint).",
+              file=sys.stderr)
+        _exit_now(code)
+
+
+class StepWatchdog:
+    """Ends the process when `kick()` is not called for `timeout_s` seconds (`first_timeout_s`
+    before the first kick): a stuck collective or a hung peer then fails the job instead of
+    freezing it. Use as a context manager around the training loop; kick once per step."""
+
+    def __init__(self, timeout_s: float, first_timeout_s: Optional[float] = None,
+                 what: str = "training step"):
+        if timeout_s <= 0:
+            raise ValueError(f"watchdog timeout {timeout_s} must be > 0")
+        self.timeout_s = float(timeout_s)
+        self.first_timeout_s = float(first_timeout_s or timeout_s)
+        self.what = what
+        self._last = time.monotonic()
+        self._step: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "StepWatchdog":
+        self._last = time.monotonic()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return False
+
+    def kick(self, step: Optional[int] = None):
+        self._step = step
+        self._last = time.monotonic()
+
+    def _limit(self) -> float:
+        return self.first_timeout_s if self._step is None else self.timeout_s
+
+    def _watch(self):
+        poll = max(0.05, min(5.0, self.timeout_s / 10))
+        while not self._stop.wait(poll):
+            waited = time.monotonic() - self._last
+            if waited > self._limit():
+                self._expire(waited)
+
+    def _expire(self, waited: float):
+        last = "none yet" if self._step is None else f"step {self._step}"
+        print(f"ERROR: {_whoami()}: no {self.what} finished in {waited:.0f} s (limit "
+              f"{self._limit():.0f} s; last finished: {last}). Another process is probably "
+              "stuck or dead, or a collective cannot complete. Exiting with status "
+              f"{EXIT_WATCHDOG}; rerun the same command to resume from the last checkpoint "
+              "(raise --step_timeout_s if steps are legitimately this slow). Stacks:",
+              file=sys.stderr, flush=True)
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except Exception:  # pylint: disable=broad-except
+            pass
+        _exit_now(EXIT_WATCHDOG)
+
+
+class _NoWatchdog:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def kick(self, step: Optional[int] = None):
+        del step
+
+
+def step_watchdog(what: str = "training step"):
+    """The watchdog for a training loop: a StepWatchdog in multi-process runs (or when a step
+    timeout was set explicitly), else one that does nothing."""
+    cfg = _from_env(_ACTIVE or DistributedConfig())
+    timeout = cfg.step_timeout_s
+    if timeout is None:
+        timeout = DEFAULT_STEP_TIMEOUT_S if _process_count() > 1 else 0.0
+    if timeout <= 0:
+        return _NoWatchdog()
+    return StepWatchdog(timeout, FIRST_STEP_TIMEOUT_FACTOR * timeout, what)

@@ -147,6 +147,8 @@ def _train_args(model_dir):
             "--gin.DROPOUT_RATE=0.1",  # the dropout rng must resume too
             "--gin.t5_1_1_tiny/T5Config.d_model=32", "--gin.t5_1_1_tiny/T5Config.d_ff=64",
             "--gin.t5_1_1_tiny/T5Config.num_heads=2", "--gin.t5_1_1_tiny/T5Config.d_kv=16",
+            "--gin.t5_1_1_tiny/T5Config.num_encoder_layers=1",
+            "--gin.t5_1_1_tiny/T5Config.num_decoder_layers=1",
             "--gin.EVAL_EVERY=0", "--gin.train.log_every=1",
             "--gin.CheckpointConfig.save_every=5"]
 

@@ -4,24 +4,27 @@ Each entry point parses gin flags, optionally joins a multi-process JAX cluster,
 parsed config to MODEL_DIR/config.gin and calls the gin-configured library function
 (`train`, `evaluate`, `infer`). Bad input surfaces as `UserError` (one line).
 
-Multi-process flags: --coordinator_address=host:port --num_processes=N --process_id=i
-(or --multiprocess=true to let `jax.distributed.initialize()` detect a TPU/SLURM cluster).
+Multi-process flags (ssr_jax.distributed): --coordinator_address=host:port --num_processes=N
+--process_id=i, or the SSR_JAX_* environment, or a detected SLURM/TPU cluster
+(--multiprocess=true forces JAX's cluster detection); --heartbeat_timeout_s, --step_timeout_s
+and --local_device_ids tune it. In a multi-process run an error ends the process at once
+(distributed.fail_fast) so the others stop too instead of hanging.
 """
 import logging
 import os
 from typing import List, Sequence
 
-from ssr_jax import gin_config
-from ssr_jax.errors import UserError
+from ssr_jax import distributed, gin_config
 
-DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "multiprocess")
+DISTRIBUTED_FLAGS = distributed.FLAG_NAMES
 
 
 def _prepare(argv: Sequence[str]) -> gin_config.Flags:
     flags = gin_config.parse_flags(argv, allowed_other=DISTRIBUTED_FLAGS)
     _quiet_logs()
     gin_config.setup(flags)
-    _maybe_initialize_distributed(flags.other)
+    # Before anything touches jax devices.
+    distributed.initialize(distributed.config_from_strings(flags.other))
     return flags
 
 
@@ -29,25 +32,6 @@ def _quiet_logs():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("absl", "orbax", "tensorflow", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _maybe_initialize_distributed(other: dict):
-    if not other:
-        return
-    import jax  # pylint: disable=import-outside-toplevel
-    if other.get("multiprocess", "").lower() in ("1", "true", "yes") and \
-            "coordinator_address" not in other:
-        jax.distributed.initialize()
-        return
-    try:
-        num, pid = int(other["num_processes"]), int(other["process_id"])
-        address = other["coordinator_address"]
-    except (KeyError, ValueError) as e:
-        raise UserError("multi-process runs need --coordinator_address=host:port, "
-                        "--num_processes=N and --process_id=i (integers).") from e
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(address, num_processes=num, process_id=pid)
 
 
 def _write_config(kind: str):
@@ -64,6 +48,11 @@ def _write_config(kind: str):
 
 
 def train_main(argv: List[str]) -> int:
+    with distributed.fail_fast("ssr-jax train"):
+        return _train_main(argv)
+
+
+def _train_main(argv: List[str]) -> int:
     _prepare(argv)
     _write_config("train")
     result = gin_config.call("train")
@@ -71,6 +60,11 @@ def train_main(argv: List[str]) -> int:
 
 
 def eval_main(argv: List[str]) -> int:
+    with distributed.fail_fast("ssr-jax eval"):
+        return _eval_main(argv)
+
+
+def _eval_main(argv: List[str]) -> int:
     _prepare(argv)
     _write_config("eval")
     gin_config.call("evaluate")
@@ -78,6 +72,11 @@ def eval_main(argv: List[str]) -> int:
 
 
 def infer_main(argv: List[str]) -> int:
+    with distributed.fail_fast("ssr-jax infer"):
+        return _infer_main(argv)
+
+
+def _infer_main(argv: List[str]) -> int:
     _prepare(argv)
     _write_config("infer")
     gin_config.call("infer")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import numpy as np
 
+from ssr_jax import distributed
 from ssr_jax.errors import UserError
 from ssr_jax.models.base import BaseModel
 from ssr_jax.partitioning import Partitioner
@@ -55,7 +56,9 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
     step = int(jax.device_get(state.step))
     batch = stage.start_next().result() if step < train_steps else None
     window, tick, paused = [], time.time(), 0.0  # paused: eval time inside a log window
-    with _preemption_flag() as preempted:
+    # Multi-process: exits if a step hangs (a stuck peer or collective), see distributed.py.
+    watchdog = distributed.step_watchdog()
+    with _preemption_flag() as preempted, watchdog:
         while step < train_steps:
             stop = preempted(step)
             save = stop or run.checkpointer.should_save(step + 1) or step + 1 == train_steps
@@ -80,6 +83,7 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
                       flush=True)
                 result.preempted = True
                 break
+            watchdog.kick(step)
     run.close()
     result.state = state
     return result

@@ -1,0 +1,215 @@
+"""Shared helpers of the benchmarks: environment, machine description, interleaved timing,
+model FLOP counts and tables.
+
+Every benchmark is a script `bench/NAME.py` with `run(quick: bool) -> dict` returning
+{"name", "title", "headers", "rows", "notes", "data"}; `python bench/NAME.py` prints the
+table, `--json=PATH` also writes the dict. `bench/run_all.py` runs each in its own process
+(clean thread pools and memory) and collects them.
+
+The machine may be shared: every comparison alternates the contenders repetition by
+repetition and reports medians, so a load change hits both sides alike.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def setup_env():
+    """Before jax/tf/torch import: quiet TF, keep TF off accelerators, 2 torch threads."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def torch_threads() -> int:
+    """torch uses as many threads as XLA's CPU client: all cores."""
+    import torch  # pylint: disable=import-outside-toplevel
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+# --- machine ----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> Dict[str, str]:
+    """What the numbers were measured on."""
+    info = {"cpu": cpu_model(), "cores": str(os.cpu_count()), "python": platform.python_version()}
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        info["memory"] = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "tensorflow"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pylint: disable=broad-except
+            info[mod] = "not installed"
+    try:
+        import jax  # pylint: disable=import-outside-toplevel
+        dev = jax.devices()[0]
+        info["jax_device"] = f"{jax.device_count()} x {dev.device_kind} ({dev.platform})"
+    except Exception:  # pylint: disable=broad-except
+        pass
+    try:
+        info["load_average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+# --- timing -----------------------------------------------------------------------------------
+def interleaved(fns: Mapping[str, Callable[[], None]], reps: int, warmup: int = 1,
+                budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+    """Wall seconds of each fn per repetition, the fns alternating (order rotated every
+    repetition). Each fn must block until its work is done. Stops early (after at least 3
+    repetitions) when budget_s of measurement has been spent."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Relative half-range of the middle half: a rough +- of the median."""
+    s = sorted(xs)
+    if len(s) < 4:
+        return (s[-1] - s[0]) / (2 * statistics.median(s)) if s else 0.0
+    q1, q3 = s[len(s) // 4], s[(3 * len(s)) // 4]
+    return (q3 - q1) / (2 * statistics.median(s))
+
+
+# --- FLOPs ------------------------------------------------------------------------------------
+def t5_forward_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
+    """Matmul FLOPs of one teacher-forced forward pass of a T5 (2 per multiply-add):
+    every projection, the attention scores and weighted sums, and the output layer.
+    The embedding lookup, norms, softmax and activations are not counted."""
+    c = config
+    s, t = inputs_length, targets_length
+    inner = c.num_heads * c.d_kv
+    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
+    attn_proj = 4 * c.d_model * inner
+    enc_layer = s * (attn_proj + mlp) + 2 * s * s * inner
+    dec_layer = t * (2 * attn_proj + mlp) + 2 * t * t * inner + 2 * t * s * inner
+    output = t * c.d_model * c.vocab_size
+    return 2.0 * batch * (c.num_encoder_layers * enc_layer + c.num_decoder_layers * dec_layer
+                          + output)
+
+
+def t5_train_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
+    """Forward + backward: 3x the forward's matmul FLOPs."""
+    return 3.0 * t5_forward_flops(config, batch, inputs_length, targets_length)
+
+
+def t5_decode_flops_per_token(config, inputs_length: int, context: int) -> float:
+    """Matmul FLOPs of one incremental decoder step for one row (cached keys/values),
+    attending to `context` previous positions and the encoder's inputs_length positions."""
+    c = config
+    inner = c.num_heads * c.d_kv
+    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
+    layer = 4 * c.d_model * inner + 2 * c.d_model * inner + mlp  # self q,k,v,o + cross q,o
+    layer += 2 * context * inner + 2 * inputs_length * inner
+    return 2.0 * (c.num_decoder_layers * layer + c.d_model * c.vocab_size)
+
+
+def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of one plain fp32 jnp.dot of two n x n matrices (median of reps)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    jax.block_until_ready(f(a, a))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / median(times)
+
+
+def matmul_runner(n: int = 2048) -> Callable[[], None]:
+    """A callable doing one fp32 n x n jnp.dot (to interleave with other measurements)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    return lambda: jax.block_until_ready(f(a, a))
+
+
+# --- output -----------------------------------------------------------------------------------
+def fmt(x, digits: int = 3) -> str:
+    """Numbers with thousands separators / a few significant digits."""
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 100):
+        return f"{int(x):,}"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub-markdown table (also readable on a terminal)."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
+    out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def render(result: Mapping) -> str:
+    text = f"### {result['title']}\n\n" + table(result["headers"], result["rows"])
+    if result.get("notes"):
+        text += "\n\n" + "\n".join(f"- {n}" for n in result["notes"])
+    return text
+
+
+def main(run: Callable[[bool], Dict]):
+    """Command line of a benchmark script: --quick (fewer repetitions), --json=PATH."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    t0 = time.time()
+    result = run(args.quick)
+    result["seconds"] = time.time() - t0
+    result.setdefault("machine", machine())
+    print(render(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
