@@ -49,7 +49,8 @@ stop_all() {  # SIGTERM the processes still running; SIGKILL them after KILL_GRA
 trap 'echo "interrupted; stopping all processes" >&2; stop_all; wait; exit 130' INT TERM
 
 run_group() {  # $1: attempt number; returns the first failing status (0 if all succeed)
-  local attempt=$1 i status=0 remaining rc done_pid
+  local attempt=$1 i status=0 rc done_pid alive p
+  shift
   pids=()
   killer=
   for ((i = 0; i < NUM_PROCESSES; i++)); do
@@ -65,10 +66,11 @@ run_group() {  # $1: attempt number; returns the first failing status (0 if all 
   done
   echo "attempt $((attempt + 1)): started ${NUM_PROCESSES} processes (${pids[*]}); logs in" \
        "$LOG_DIR/process_<i>.log"
-  remaining=${#pids[@]}
-  while [ "$remaining" -gt 0 ]; do
-    wait -n -p done_pid "${pids[@]}"; rc=$?
-    remaining=$((remaining - 1))
+  alive=("${pids[@]}")
+  while [ "${#alive[@]}" -gt 0 ]; do
+    wait -n -p done_pid "${alive[@]}"; rc=$?
+    for i in "${!alive[@]}"; do [ "${alive[$i]}" = "$done_pid" ] && unset "alive[$i]"; done
+    alive=("${alive[@]}")
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
       status=$rc
       echo "process with pid $done_pid failed (exit $rc); stopping the others" >&2

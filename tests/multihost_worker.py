@@ -15,7 +15,9 @@
       A light stand-in for the train loop: joins the run (SSR_JAX_* environment), then
       STEPS iterations of a jitted cross-process sum under the trainer's failure handling
       (distributed.fail_fast + distributed.step_watchdog); process FAIL_PROCESS raises or
-      hangs (alive, heartbeating) at FAIL_STEP. Prints "pid P process I step S" lines.
+      hangs (alive, heartbeating) at FAIL_STEP - only once when $FAIL_ONCE_MARKER names a
+      file (created at the failure; a restarted run then succeeds). Prints
+      "pid P process I step S" lines.
 """
 import copy
 import dataclasses
@@ -143,7 +145,7 @@ def collectives_mode(steps: int, fail_process: int = -1, fail_step: int = -1,
         total = jax.jit(lambda x: x.sum())
         with distributed.step_watchdog() as watchdog:
             for step in range(1, steps + 1):
-                if me == fail_process and step == fail_step:
+                if me == fail_process and step == fail_step and _first_failure():
                     print(f"pid {os.getpid()} process {me} failing ({fail_mode})", flush=True)
                     if fail_mode == "raise":
                         raise RuntimeError(f"injected failure at step {step}")
@@ -157,6 +159,18 @@ def collectives_mode(steps: int, fail_process: int = -1, fail_step: int = -1,
                 watchdog.kick(step)
                 time.sleep(0.05)
     return 0
+
+
+def _first_failure() -> bool:
+    """False if $FAIL_ONCE_MARKER exists (a restart); else creates it (when set)."""
+    marker = os.environ.get("FAIL_ONCE_MARKER")
+    if not marker:
+        return True
+    if os.path.exists(marker):
+        return False
+    with open(marker, "w"):
+        pass
+    return True
 
 
 def main(argv) -> int:

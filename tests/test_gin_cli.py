@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ssr_jax import cli, gin_config
@@ -128,3 +129,30 @@ def test_tiny_default_run_loss_falls_then_eval_and_infer(tmp_path, capsys):
     assert len(rows) == 8
     assert set(rows[0]) == {"inputs", "targets", "prediction", "score"}
     assert all(r["targets"] for r in rows) and "<extra_id_0>" in rows[0]["inputs"]
+
+
+def test_infer_decodes_rows_and_computes_the_tasks_metrics():
+    """Inference's host side: token rows -> text (cut at EOS, no padding) -> task metrics."""
+    from ssr_jax.train import infer  # pylint: disable=import-outside-toplevel
+
+    class Vocab:
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    class Feature:
+        vocabulary = Vocab()
+
+    class Task:
+        output_features = {"inputs": Feature(), "targets": Feature()}
+        postprocess_fn = staticmethod(lambda text, example=None, is_target=False: text.upper())
+        predict_metric_fns = [lambda targets, predictions: {
+                "exact": 100.0 * np.mean([t == p for t, p in zip(targets, predictions)])}]
+
+    inputs = {"encoder_input_tokens": np.array([[5, 6, 1, 0], [7, 1, 0, 0]]),
+              "decoder_target_tokens": np.array([[8, 9, 1, 0], [3, 1, 0, 0]])}
+    preds = {"prediction": np.array([[8, 9, 1, 4], [4, 0, 0, 0]]), "score": np.array([-1., -2.])}
+    rows = infer._decode_rows(Task(), inputs, preds)  # pylint: disable=protected-access
+    assert rows[0] == {"inputs": "w5 w6", "targets": "w8 w9", "prediction": "w8 w9",
+                       "score": -1.0}
+    assert rows[1]["prediction"] == "w4"
+    assert infer._task_metrics(Task(), rows) == {"exact": 50.0}  # pylint: disable=W0212
