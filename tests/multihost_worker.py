@@ -10,6 +10,8 @@
       the global batches equal those of an H-process run (see `emulate_hosts`).
       With SPEC["compare_params"] = [[dir_a, dir_b], ...] it then loads both checkpoints'
       params in this process and writes the max abs differences to SPEC["out"].
+      With SPEC["record_teacher"] = PREFIX it saves, per online SSR step, the teacher's
+      inputs and this process's rows of its sampled outputs to PREFIX_<process>.npz.
 
   python tests/multihost_worker.py collectives STEPS [FAIL_PROCESS FAIL_STEP raise|hang]
       A light stand-in for the train loop: joins the run (SSR_JAX_* environment), then
@@ -101,12 +103,29 @@ def emulate_hosts(num_hosts: int):
     online.SSRStage.pack = pack
 
 
+def record_teacher_calls():
+    """Keeps (teacher inputs, this process's rows of the teacher output) of every online SSR
+    step; returns the list they are appended to."""
+    from ssr_jax.ssr import online  # pylint: disable=import-outside-toplevel
+    calls = []
+    real_rewrite = online.TeacherCall.rewrite
+
+    def rewrite(self):
+        result = real_rewrite(self)
+        calls.append((self.inputs.copy(), online.local_rows(self.output)))
+        return result
+
+    online.TeacherCall.rewrite = rewrite
+    return calls
+
+
 # --- modes ---------------------------------------------------------------------------------
 def train_mode(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     if spec.get("emulate_hosts"):
         emulate_hosts(int(spec["emulate_hosts"]))
+    calls = record_teacher_calls() if spec.get("record_teacher") else None
     from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
     from ssr_jax.train.main import train_main  # pylint: disable=import-outside-toplevel
     gin_bindings.register()  # the online SSR stage's gin names
@@ -114,6 +133,11 @@ def train_mode(spec_path: str) -> int:
         rc = train_main(list(argv))
         if rc:
             return rc
+    if calls:
+        import jax  # pylint: disable=import-outside-toplevel
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        np.savez(f"{spec['record_teacher']}_{jax.process_index()}.npz",
+                 inputs=np.stack([c[0] for c in calls]), outputs=np.stack([c[1] for c in calls]))
     if spec.get("compare_params"):
         diffs = [_param_diff(a, b) for a, b in spec["compare_params"]]
         with open(spec["out"], "w") as f:
