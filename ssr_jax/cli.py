@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     try:
         return int(fn(rest) or 0)
     except UserError as e:
-        print(f"ssr-jax {name}: error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable ..." lines; the first line is the message.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"ssr-jax {name}: error: {first}", file=sys.stderr)
         return 2
 
 

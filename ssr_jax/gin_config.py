@@ -51,6 +51,8 @@ def _registrations() -> Dict[str, Callable]:
             "cosine_schedule": optimizers.cosine_schedule,
             "train": train, "evaluate": evaluate, "infer": infer,
     }
+    from ssr_jax.ssr import gin_bindings as ssr_gin
+    entries.update(ssr_gin.registrations())
     try:
         from ssr_jax.data.pipeline import InputPipeline
         entries["InputPipeline"] = InputPipeline

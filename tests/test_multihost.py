@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from ssr_jax import distributed
@@ -131,7 +132,8 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
     spec2 = tmp_path / "spec2.json"
     spec2.write_text(json.dumps({"runs": [_span_corruption_args(sc2, 2),
                                           _span_corruption_args(sc2, 4),
-                                          _online_ssr_args(ssr2, sc2, 3)]}))
+                                          _online_ssr_args(ssr2, sc2, 3)],
+                                 "record_teacher": str(tmp_path / "teacher_2proc")}))
     procs, logs = _start_pair(["train", str(spec2)], tmp_path, "train")
     rcs = _wait(procs, logs, timeout=540)
     assert rcs == [0, 0], "\n".join(_tail(f) for f in logs)
@@ -146,7 +148,8 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
             "runs": [_span_corruption_args(sc1, 4), _online_ssr_args(ssr1, sc2, 3),
                      _span_corruption_args(resumed, 5)],
             "compare_params": [[str(sc1), str(sc2)], [str(ssr1), str(ssr2)]],
-            "out": str(tmp_path / "compare.json")}))
+            "out": str(tmp_path / "compare.json"),
+            "record_teacher": str(tmp_path / "teacher_1proc")}))
     ref_log = tmp_path / "reference.log"
     ref = _start(["train", str(spec1)], _env(8, tmp_path), ref_log)
     assert _wait([ref], [ref_log], timeout=400) == [0], _tail(ref_log)
@@ -157,6 +160,14 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
         for step in loss1:
             assert loss2[step] == pytest.approx(loss1[step], rel=1e-5, abs=1e-6), (two, step)
     assert _losses(sc1)[4] < _losses(sc1)[1]  # it trains
+    # The teacher, sharded over both processes, sampled exactly what it samples in one
+    # (its fills only reach the student when well-formed, so compare its raw outputs).
+    two = [np.load(tmp_path / f"teacher_2proc_{i}.npz") for i in range(2)]
+    one = np.load(tmp_path / "teacher_1proc_0.npz")
+    for key in ("inputs", "outputs"):
+        both = np.concatenate([two[0][key], two[1][key]], axis=1)  # [step, row, length]
+        assert both.shape[:2] == (3, 8) and np.array_equal(both, one[key]), key
+    assert np.count_nonzero(one["outputs"]) > 0
     diffs = json.loads((tmp_path / "compare.json").read_text())["param_max_abs_diff"]
     assert max(diffs) < 1e-4, diffs
 

@@ -95,8 +95,10 @@ class MetricsLogger:
                     + "\n")
 
     def log_train(self, step: int, summed: Mapping[str, float], num_steps: int,
-                  seconds: float) -> Mapping[str, float]:
-        """summed: metric sums over the last num_steps steps (grad_norm/lr: last step)."""
+                  seconds: float, extra: Optional[Mapping[str, float]] = None
+                  ) -> Mapping[str, float]:
+        """summed: metric sums over the last num_steps steps (grad_norm/lr: last step).
+        extra: scalars from the input stage (e.g. SSR fill statistics), logged as they are."""
         w = max(summed["weight_sum"], 1.0)
         tok_s = self.tokens_per_step * num_steps / max(seconds, 1e-9)
         mfu = self.flops_per_step * num_steps / max(seconds, 1e-9) / self.peak
@@ -114,6 +116,7 @@ class MetricsLogger:
         }
         if math.isfinite(mfu):
             scalars["timing/mfu"] = mfu
+        scalars.update(extra or {})
         line = (f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | "
                 f"acc {scalars['accuracy']:.4f} | lr {scalars['learning_rate']:.3g} | "
                 f"gnorm {scalars['grad_norm']:.3g} | {tok_s:,.0f} tok/s | "

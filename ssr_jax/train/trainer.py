@@ -146,7 +146,9 @@ class _Run:
                   for k in ("loss_sum", *steps_lib.AUX_KEYS, "nonfinite")}
         summed["grad_norm"] = float(fetched[-1]["grad_norm"])
         summed["learning_rate"] = float(fetched[-1]["learning_rate"])
-        scalars = self.logger.log_train(step, summed, len(window), seconds)
+        # Stages with their own statistics (online SSR) expose pop_metrics().
+        extra = getattr(self.stage, "pop_metrics", dict)()
+        scalars = self.logger.log_train(step, summed, len(window), seconds, extra)
         worst = max(int(m["nonfinite_consecutive"]) for m in fetched)
         if worst >= self.max_consecutive_nonfinite:
             raise TrainingDiverged(
