@@ -9,9 +9,8 @@ optimizer state) and optionally held in bfloat16 (params and activations).
 
 Generation is one jitted function with explicit in/out shardings (every per-example array is
 sharded on the batch axes like a student batch): temperature/top-k/top-p sampling in a
-`lax.while_loop` with the KV cache (ssr_jax.models.decoding.sample_decode, driven by a step
-function that filters the logits with `nucleus_filter`, a sort-free top-p). For each masked
-example:
+`lax.while_loop` with the KV cache (the model's predict_batch; ssr_jax.models.decoding's
+`filter_logits` is a sort-free top-p). For each masked example:
   * its PRNG key is a 64-bit hash of its teacher-input tokens and the run seed, computed on
     the host (`example_keys`), so its fills do not depend on the batch it lands in, the mesh,
     the number of hosts, or a restart; online and offline generation therefore agree;
@@ -33,11 +32,9 @@ import os
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssr_jax.errors import UserError
-from ssr_jax.models import decoding
 from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
@@ -224,51 +221,10 @@ def static_decode_length(inputs_length: int, targets_length: int, fill_ratio: fl
 
 
 # --- sampling ---------------------------------------------------------------------------------
-def nucleus_filter(logits, top_k: int = 0, top_p: float = 1.0, iterations: int = 32):
-    """Logits outside the top-k and outside the top-p nucleus set to -inf.
-
-    The nucleus (the smallest set of most likely tokens whose probability reaches top_p) is
-    {p >= t*} with t* the largest threshold whose kept mass still reaches top_p; t* is found
-    by bisection on [0, max p] (`iterations` halvings, i.e. to ~1e-9 of max p), which costs
-    a few passes over the vocabulary instead of a full sort per step (30x cheaper on CPU).
-    The most likely token is always kept, so a tiny top_p is greedy.
-    """
-    logits = logits.astype(jnp.float32)
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p >= 1.0:
-        return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    top = jnp.max(probs, axis=-1, keepdims=True)
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        enough = jnp.sum(jnp.where(probs >= mid, probs, 0.0), -1, keepdims=True) >= top_p
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(top), top))
-    return jnp.where(probs >= jnp.minimum(lo, top), logits, -jnp.inf)
-
-
 def _sample(model, decode, params, inputs, keys, stops, max_lens):
-    """Ancestral sampling with the KV cache (ssr_jax.models.decoding.sample_decode); the
-    step function returns logits already tempered and nucleus/top-k filtered."""
-    c = model.config
-    module = model.module(params)
-    state = module.init_decode_state(inputs, decode.max_decode_length)
-    cross_kv, cross_bias = state["cross_kv"], state["cross_bias"]
-
-    def step_fn(tokens, cache, step):
-        logits, cache = module.decode_step(tokens, cache, cross_kv, cross_bias, step)
-        logits = logits.astype(jnp.float32) / decode.temperature
-        return nucleus_filter(logits, decode.top_k, decode.top_p), cache
-
-    tokens, _ = decoding.sample_decode(
-            step_fn, state["cache"], inputs.shape[0], decode.max_decode_length, eos_id=c.eos_id,
-            start_id=c.decoder_start_token_id, keys=keys, stop_tokens=stops,
-            max_decode_lengths=max_lens)
+    """Ancestral sampling with the KV cache (the model's own predict_batch) from per-row keys."""
+    tokens, _ = model.predict_batch(params, {"encoder_input_tokens": inputs}, decode, keys,
+                                    stop_tokens=stops, max_decode_lengths=max_lens)
     return tokens
 
 
