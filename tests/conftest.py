@@ -24,3 +24,17 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that takes more than ~30 s on 2 CPU cores")
+
+
+# Shared by the SSR test files: built once per run.
+@pytest.fixture(scope="session")
+def vocabulary():
+    import tasks
+    return tasks.default_vocabulary()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, vocabulary):
+    """A tiny random teacher checkpoint with its vocabulary record."""
+    from test_teacher import make_teacher_checkpoint
+    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)

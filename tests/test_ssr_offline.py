@@ -14,21 +14,10 @@ from ssr_jax.ssr import offline, online
 from ssr_jax.ssr import teacher as tl
 from ssr_jax.ssr.curriculum import SpanCurriculum
 from ssr_jax.train.input_stage import DatasetConfig
-from test_teacher import VOCAB, make_teacher_checkpoint
+from test_teacher import VOCAB
 
 LENGTHS = {"inputs": 64, "targets": 16}
 SC_TASK = "ssr_default_span_corruption"
-
-
-@pytest.fixture(scope="module")
-def vocabulary():
-    import tasks
-    return tasks.default_vocabulary()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, vocabulary):
-    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)
 
 
 def dataset():

@@ -14,21 +14,10 @@ from ssr_jax.ssr import online
 from ssr_jax.ssr import teacher as tl
 from ssr_jax.ssr.curriculum import SpanCurriculum
 from ssr_jax.train.input_stage import DatasetConfig
-from test_teacher import SMALL, VOCAB, make_teacher_checkpoint
+from test_teacher import SMALL, VOCAB
 
 LENGTHS = {"inputs": 64, "targets": 16}  # student rows; slots of 32 / 8 with m = 2
 SC_TASK = "ssr_default_span_corruption"
-
-
-@pytest.fixture(scope="module")
-def vocabulary():
-    import tasks
-    return tasks.default_vocabulary()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, vocabulary):
-    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)
 
 
 def dataset(batch_size=4, seed=0, shuffle=False):
@@ -184,7 +173,6 @@ def sentinel_layout_holds(inputs, targets, teacher_input):
     context, inside = [], False
     for t in inputs.tolist():
         if lo <= t < hi:
-            k = hi - 1 - t
             if not inside:
                 context.append(t)
             inside = not inside

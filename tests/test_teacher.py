@@ -43,17 +43,6 @@ def make_teacher_checkpoint(root, config=SMALL, seed=0, vocabulary=None) -> str:
     return str(root)
 
 
-@pytest.fixture(scope="module")
-def vocabulary():
-    import tasks
-    return tasks.default_vocabulary()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, vocabulary):
-    return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher"), vocabulary=vocabulary)
-
-
 def inputs_batch(batch=8, length=24, seed=0):
     """Teacher-like inputs: context tokens, 1-2 sentinels, EOS, padding."""
     rng = np.random.RandomState(seed)
