@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 RUN_DIR ?= runs/default
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-fast bench clean
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,12 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/ssr-jax default-run --out_dir=$(RUN_DIR)
 
-# Fast suite (CI); slow tests are opt-in with `make test-all`.
+# The whole suite (CI runs this); `make test-fast` skips the few tests marked slow.
 test: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
-
-test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py
