@@ -16,7 +16,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -76,26 +76,38 @@ def machine() -> Dict[str, str]:
 
 
 # --- timing -----------------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads)."""
+    t = os.times()
+    return t[0] + t[1]
+
+
 def interleaved(fns: Mapping[str, Callable[[], None]], reps: int, warmup: int = 1,
-                budget_s: Optional[float] = None) -> Dict[str, List[float]]:
-    """Wall seconds of each fn per repetition, the fns alternating (order rotated every
-    repetition). Each fn must block until its work is done. Stops early (after at least 3
-    repetitions) when budget_s of measurement has been spent."""
+                budget_s: Optional[float] = None
+                ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """(wall seconds, process CPU seconds) of each fn per repetition, the fns alternating
+    (order rotated every repetition). Each fn must block until its work is done. Stops early
+    (after at least 3 repetitions) when budget_s of measurement has been spent.
+
+    CPU seconds are the work done whatever else runs on the machine (spinning thread pools
+    included); wall seconds are what a user waits for."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    wall: Dict[str, List[float]] = {n: [] for n in names}
+    cpu: Dict[str, List[float]] = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            wall[n].append(time.perf_counter() - t0)
+            cpu[n].append(cpu_seconds() - c0)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return times
+    return wall, cpu
 
 
 def median(xs: Sequence[float]) -> float:

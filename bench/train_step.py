@@ -65,19 +65,25 @@ def ours(config, batch):
     return run, params0, first_loss
 
 
+def hf_model(config, params):
+    """transformers' T5ForConditionalGeneration with exactly our weights: written by our
+    exporter and read back by `from_pretrained` (the path users take)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    from ssr_jax.hf import convert  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as d:
+        convert.export_hf(params, config, d)
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        return transformers.T5ForConditionalGeneration.from_pretrained(d)
+
+
 def huggingface(config, params, batch):
     """(step callable, first-step loss) for transformers' T5 with our weights."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
-    from ssr_jax.hf import convert  # pylint: disable=import-outside-toplevel
-    hf_config = dict(convert.t5config_to_hf(config))
-    hf_config.pop("architectures", None)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_config))
-    state = {k: torch.from_numpy(np.array(v, np.float32))
-             for k, v in convert.params_to_hf_state(params, config).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("embed_tokens" in m for m in missing), (missing, unexpected)
+    model = hf_model(config, params)
     model.train()
     optimizer = transformers.optimization.Adafactor(
             model.parameters(), lr=LEARNING_RATE, relative_step=False, scale_parameter=True,
@@ -119,18 +125,21 @@ def run(quick: bool):
         fns["hf float32"], hf_loss = huggingface(base, params0, batch)
         info["hf float32"] = {"first_loss": hf_loss, "dtype": "float32"}
         fns["matmul"] = matmul
-        times = common.interleaved(fns, reps[shape], warmup=1)
+        times, cpu = common.interleaved(fns, reps[shape], warmup=1)
         matmul_flops = 2.0 * 2048 ** 3 / common.median(times["matmul"])
         hf_s = common.median(times["hf float32"])
         for name in ("ours float32", "ours bfloat16", "hf float32"):
             s = common.median(times[name])
             entry = dict(info[name], step_s=s, spread=common.spread(times[name]),
                          tokens_per_s=tokens / s, model_flops_per_s=flops / s,
-                         of_matmul=flops / s / matmul_flops, vs_hf=hf_s / s, times=times[name])
+                         of_matmul=flops / s / matmul_flops, vs_hf=hf_s / s, times=times[name],
+                         cpu_s=common.median(cpu[name]), cpu_times=cpu[name])
             data[f"{shape} {name}"] = entry
             rows.append([shape, name.split()[0], name.split()[1], batch_size, f"{s:.3f}",
                          f"{tokens / s:,.0f}", f"{flops / s / 1e9:.1f}",
-                         f"{100 * flops / s / matmul_flops:.0f}%", f"{hf_s / s:.2f}x"])
+                         f"{100 * flops / s / matmul_flops:.0f}%", f"{hf_s / s:.2f}x",
+                         f"{common.median(cpu[name]):.2f}",
+                         f"{common.median(cpu['hf float32']) / common.median(cpu[name]):.2f}x"])
         data[f"{shape} matmul"] = {"flops_per_s": matmul_flops, "times": times["matmul"]}
         data[f"{shape} model_flops_per_step"] = flops
         notes.append(f"{shape}: first-step cross-entropy ours {info['ours float32']['first_loss']:.4f}"
@@ -151,7 +160,7 @@ def run(quick: bool):
     return {"name": "train_step",
             "title": "Train step: ours vs Hugging Face T5 (PyTorch), CPU",
             "headers": ["shape", "impl", "activations", "batch", "step s", "tokens/s",
-                        "model GFLOP/s", "% of matmul", "vs HF"],
+                        "model GFLOP/s", "% of matmul", "vs HF", "CPU s", "vs HF (CPU s)"],
             "rows": rows, "notes": notes, "data": data,
             "device": jax.devices()[0].device_kind}
 

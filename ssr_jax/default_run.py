@@ -99,7 +99,7 @@ def main(argv: List[str]) -> int:
     args = _parse(argv)
     import tasks  # pylint: disable=import-outside-toplevel
     from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+    from ssr_jax import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
     from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
     gin_bindings.register()
     out = os.path.abspath(os.path.expanduser(args.out_dir))
@@ -116,7 +116,7 @@ def main(argv: List[str]) -> int:
     _train(TEACHER_GIN, teacher_dir, args.teacher_steps, extra)
     # Record the vocabulary next to the teacher's checkpoints: a student with another
     # vocabulary is refused before any compute.
-    teacher_lib.write_vocab_record(os.path.join(teacher_dir, checkpoints.CHECKPOINTS_SUBDIR),
+    vocab_lib.write_vocab_record(os.path.join(teacher_dir, checkpoints.CHECKPOINTS_SUBDIR),
                                    vocabulary)
     times["teacher"] = time.time() - start
 
@@ -125,7 +125,7 @@ def main(argv: List[str]) -> int:
     t = time.time()
     _train(STUDENT_GIN, student_dir, args.student_steps,
            [f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'"] + extra)
-    teacher_lib.write_vocab_record(os.path.join(student_dir, checkpoints.CHECKPOINTS_SUBDIR),
+    vocab_lib.write_vocab_record(os.path.join(student_dir, checkpoints.CHECKPOINTS_SUBDIR),
                                    vocabulary)
     times["student"] = time.time() - t
 

@@ -5,13 +5,17 @@ pieces, so `<extra_id_0>` is the highest id. A user with T5's own `cc_all.32000`
 points `get_vocabulary` (or the gin VOCABULARY) at it.
 """
 import argparse
+import hashlib
+import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Dict, Sequence
 
 from ssr_jax.errors import UserError
 
 DEFAULT_EXTRA_IDS = 100
+# Beside a checkpoint's model_config.json: which vocabulary its ids mean.
+VOCAB_RECORD_FILE = "vocab.json"
 
 
 def train_sentencepiece(text_files: Sequence[str], model_prefix: str, vocab_size: int,
@@ -71,6 +75,30 @@ def padded_vocab_size(vocab, multiple: int = 128) -> int:
 def sentinel_id(vocab, k: int) -> int:
     """Id of `<extra_id_k>`: sentinels count down from the top of the vocabulary."""
     return vocab.vocab_size - 1 - k
+
+
+def vocab_record(vocabulary) -> Dict[str, Any]:
+    """What identifies a vocabulary: its class, size, extra ids and (SentencePiece) the
+    sha256 of the serialized model, so the record does not depend on where the file lives."""
+    record = {"type": type(vocabulary).__name__, "vocab_size": int(vocabulary.vocab_size),
+              "extra_ids": int(getattr(vocabulary, "extra_ids", 0) or 0)}
+    sp_model = getattr(vocabulary, "sp_model", None)
+    if sp_model:
+        record["sentencepiece_sha256"] = hashlib.sha256(sp_model).hexdigest()
+        record["sentencepiece_model_file"] = getattr(vocabulary, "sentencepiece_model_file",
+                                                     None)
+    return record
+
+
+def write_vocab_record(directory: str, vocabulary) -> str:
+    """Writes DIR/vocab.json (next to a checkpoint's model_config.json); returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, VOCAB_RECORD_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(vocab_record(vocabulary), f, indent=2)
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv=None) -> int:

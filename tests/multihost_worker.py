@@ -138,6 +138,7 @@ def train_mode(spec_path: str) -> int:
         import numpy as np  # pylint: disable=import-outside-toplevel
         np.savez(f"{spec['record_teacher']}_{jax.process_index()}.npz",
                  inputs=np.stack([c[0] for c in calls]), outputs=np.stack([c[1] for c in calls]))
+    print("worker: all runs finished", flush=True)
     if spec.get("compare_params"):
         diffs = [_param_diff(a, b) for a, b in spec["compare_params"]]
         with open(spec["out"], "w") as f:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ssr_jax import cli
+from ssr_jax.vocab import get_vocabulary, vocab_record
 from ssr_jax.errors import UserError
 from ssr_jax.hf import cli as hf_cli
 from ssr_jax.hf import export_hf, import_hf
@@ -122,11 +123,13 @@ def test_exported_tokenizer_round_trips_text_and_sentinels(exported, spm_model):
     assert tok(decoded.replace("</s>", "")).input_ids == ids
 
 
-def test_cli_import_then_export_checkpoint(exported, tmp_path):
+def test_cli_import_then_export_checkpoint(exported, spm_model, tmp_path):
     config, params, out = exported
     ckpt = str(tmp_path / "ckpt")
-    assert cli.main(["import-hf", out, "--out", ckpt]) == 0
+    assert cli.main(["import-hf", out, "--out", ckpt, "--vocab", spm_model]) == 0
     assert os.path.isdir(os.path.join(ckpt, "params"))
+    record = json.load(open(os.path.join(ckpt, "vocab.json")))  # the teacher check reads it
+    assert record == vocab_record(get_vocabulary(spm_model))
     stored = json.load(open(os.path.join(ckpt, "model_config.json")))
     assert T5Config(**stored) == config
     loaded, loaded_config = hf_cli.load_params_from_checkpoint(ckpt)

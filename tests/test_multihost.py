@@ -111,7 +111,9 @@ def _span_corruption_args(model_dir, steps):
             f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8", "--gin.EVAL_EVERY=0",
             "--gin.train.log_every=1", "--gin.CheckpointConfig.save_every=2", _LENGTHS,
             "--gin.t5_1_1_tiny/T5Config.d_model=64", "--gin.t5_1_1_tiny/T5Config.d_ff=128",
-            "--gin.t5_1_1_tiny/T5Config.d_kv=16"]
+            "--gin.t5_1_1_tiny/T5Config.d_kv=16",
+            "--gin.t5_1_1_tiny/T5Config.num_encoder_layers=1",
+            "--gin.t5_1_1_tiny/T5Config.num_decoder_layers=1"]
 
 
 def _online_ssr_args(model_dir, teacher_dir, steps):
@@ -120,7 +122,9 @@ def _online_ssr_args(model_dir, teacher_dir, steps):
             f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'",
             f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8",
             "--gin.SSR_SPAN_CORRUPTION_EXAMPLES=8", "--gin.train.log_every=1",
-            "--gin.SsrStageConfig.probe_every=0", _LENGTHS]
+            "--gin.SsrStageConfig.probe_every=0", _LENGTHS,
+            "--gin.ssr_student/T5Config.num_encoder_layers=1",
+            "--gin.ssr_student/T5Config.num_decoder_layers=1"]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from ssr_jax.models.encoder_decoder import EncoderDecoderModel
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.ssr import teacher as tl
 from ssr_jax.train import checkpoints
+from ssr_jax import vocab as vocab_lib
 
 VOCAB = 4224  # the default vocabulary's padded size (4000 pieces + 100 sentinels)
 SMALL = T5Config(vocab_size=VOCAB, d_model=32, num_heads=4, d_kv=8, d_ff=64,
@@ -39,7 +40,7 @@ def make_teacher_checkpoint(root, config=SMALL, seed=0, vocabulary=None) -> str:
     params = random_params(config, seed)
     checkpoints.save_params(os.path.join(root, "1"), params, dataclasses.asdict(config))
     if vocabulary is not None:
-        tl.write_vocab_record(root, vocabulary)
+        vocab_lib.write_vocab_record(root, vocabulary)
     return str(root)
 
 
@@ -196,7 +197,7 @@ def test_vocab_record_mismatch(tmp_path, teacher_dir, vocabulary):
     with open(tmp_path / "1" / "model_config.json", "w") as f:
         import json
         json.dump(dataclasses.asdict(SMALL), f)
-    record = tl.vocab_record(vocabulary)
+    record = vocab_lib.vocab_record(vocabulary)
     record.update(sentencepiece_sha256="0" * 64, sentencepiece_model_file="/other/spm.model")
     with open(tmp_path / "vocab.json", "w") as f:
         json.dump(record, f)

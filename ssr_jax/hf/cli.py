@@ -171,10 +171,16 @@ def import_main(argv) -> int:
                         "(or pytorch_model.bin, loaded with torch.load(weights_only=True))")
     parser.add_argument("--out", required=True, help="output checkpoint dir (params/ + "
                         "model_config.json)")
+    parser.add_argument("--vocab", help="the model's SentencePiece file (e.g. T5's "
+                        "cc_all.32000 model): recorded in vocab.json so that a student with "
+                        "another vocabulary is refused this teacher")
     args = parser.parse_args(argv)
     params, config = import_hf(args.hf_dir)
+    from ssr_jax import vocab as vocab_lib
     from ssr_jax.train import checkpoints
     checkpoints.save_params(args.out, params, dataclasses.asdict(config))
+    if args.vocab:
+        vocab_lib.write_vocab_record(args.out, vocab_lib.get_vocabulary(args.vocab))
     print(f"wrote params checkpoint to {args.out} ({config.num_encoder_layers}+"
           f"{config.num_decoder_layers} layers, d_model {config.d_model}, "
           f"{config.feed_forward_proj})")

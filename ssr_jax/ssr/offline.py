@@ -40,6 +40,7 @@ from ssr_jax.errors import UserError
 from ssr_jax.ssr import online
 from ssr_jax.ssr import teacher as teacher_lib
 from ssr_jax.ssr.curriculum import take
+from ssr_jax import vocab as vocab_lib
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -140,7 +141,7 @@ def register_offline_ssr_task(name: str, output_dir: str, vocabulary=None,
     if vocabulary is None:
         import tasks  # pylint: disable=import-outside-toplevel
         vocabulary = tasks.default_vocabulary()
-    recorded, mine = manifest["vocabulary"], teacher_lib.vocab_record(vocabulary)
+    recorded, mine = manifest["vocabulary"], vocab_lib.vocab_record(vocabulary)
     for key in ("vocab_size", "extra_ids", "sentencepiece_sha256"):
         if recorded.get(key) != mine.get(key):
             raise UserError(f"offline SSR data {output_dir} was written with vocabulary "
@@ -186,7 +187,7 @@ def _manifest(cfg, plan: online.SlotPlan, teacher: teacher_lib.TeacherConfig, vo
             "num_shards": plan.ssr_shard[1], "examples_per_step_per_shard": plan.host_ssr,
             "teacher": os.path.abspath(teacher.checkpoint_path), "sampler": sampler,
             "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum else None,
-            "vocabulary": teacher_lib.vocab_record(vocabulary), "num_steps": num_steps,
+            "vocabulary": vocab_lib.vocab_record(vocabulary), "num_steps": num_steps,
             "chunk_steps": chunk_steps}
 
 

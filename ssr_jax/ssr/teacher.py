@@ -39,8 +39,8 @@ from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
 from ssr_jax.train import checkpoints
+from ssr_jax.vocab import VOCAB_RECORD_FILE, vocab_record
 
-VOCAB_RECORD_FILE = "vocab.json"
 TEACHER_DTYPES = ("float32", "bfloat16")
 
 
@@ -77,30 +77,6 @@ class TeacherConfig:
 
 
 # --- vocabulary records and checks -------------------------------------------------------------
-def vocab_record(vocabulary) -> Dict[str, Any]:
-    """What identifies a vocabulary: its class, size, extra ids and (SentencePiece) the
-    sha256 of the serialized model, so the record does not depend on where the file lives."""
-    record = {"type": type(vocabulary).__name__, "vocab_size": int(vocabulary.vocab_size),
-              "extra_ids": int(getattr(vocabulary, "extra_ids", 0) or 0)}
-    sp_model = getattr(vocabulary, "sp_model", None)
-    if sp_model:
-        record["sentencepiece_sha256"] = hashlib.sha256(sp_model).hexdigest()
-        record["sentencepiece_model_file"] = getattr(vocabulary, "sentencepiece_model_file",
-                                                     None)
-    return record
-
-
-def write_vocab_record(directory: str, vocabulary) -> str:
-    """Writes DIR/vocab.json (next to a checkpoint's model_config.json); returns its path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, VOCAB_RECORD_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(vocab_record(vocabulary), f, indent=2)
-    os.replace(tmp, path)
-    return path
-
-
 def read_vocab_record(step_dir: str) -> Optional[Dict[str, Any]]:
     """vocab.json of a checkpoint: in its step dir, its root, or the root's model dir."""
     d = step_dir
