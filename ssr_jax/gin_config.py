@@ -125,6 +125,25 @@ def _find_file(path: str, search: Sequence[str]) -> str:
     raise UserError(f"gin file {path!r} not found (searched: . {' '.join(search)}).")
 
 
+def _tolerant_file_readers():
+    """gin's package-path reader (`include 'runs/x.gin'` -> Python package `runs`) raises
+    instead of answering "no" when a directory of that name (e.g. the `runs/` that `make run`
+    writes) is importable as a namespace package; make its existence check answer False."""
+    # pylint: disable=protected-access
+    readers = gin.config._FILE_READERS
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, "_ssr_jax_tolerant", False):
+            continue
+
+        def safe(path, _exists=exists):
+            try:
+                return _exists(path)
+            except (TypeError, ValueError, ImportError):
+                return False
+        safe._ssr_jax_tolerant = True
+        readers[i] = (reader, safe)
+
+
 @contextlib.contextmanager
 def _quiet_include_search():
     """gin logs an ERROR for every search path an `include` misses before it finds the file;
@@ -157,6 +176,7 @@ def setup(flags: Flags) -> None:
     if not files:
         raise UserError("no --gin_file given; e.g. --gin_file=gin/experiments/tiny_default.gin")
     try:
+        _tolerant_file_readers()
         with _quiet_include_search():
             gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
     except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:

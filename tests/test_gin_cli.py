@@ -44,6 +44,19 @@ def test_flags_layering_and_search_paths(tmp_path):
         gin_config.setup(gin_config.parse_flags(["--gin_file=nope.gin"]))
 
 
+def test_includes_resolve_beside_a_directory_named_like_a_gin_folder(tmp_path, monkeypatch):
+    # `make run` writes runs/ in the working directory; Python then sees a namespace package
+    # `runs` and gin's package reader used to crash on `include 'runs/pretrain.gin'`.
+    import importlib
+    (tmp_path / "runs").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    importlib.invalidate_caches()
+    gin_config.setup(gin_config.parse_flags(["--gin_file=experiments/tiny_default.gin",
+                                             "--gin.MODEL_DIR='/m'"]))
+    assert gin_config.query_macro("TRAIN_STEPS") == 300
+
+
 def test_default_vocab_size_matches_the_shipped_vocabulary():
     import tasks  # pylint: disable=import-outside-toplevel
     gin_config.setup(gin_config.parse_flags([TINY, "--gin.MODEL_DIR='/m'"]))
