@@ -28,6 +28,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
+	@test -f bench/run_all.py || { echo "make bench: bench/run_all.py is not written yet; run bench/*.py one by one"; exit 2; }
 	$(PY) bench/run_all.py
 
 clean:
