@@ -83,18 +83,20 @@ def cpu_seconds() -> float:
 
 
 def interleaved(fns: Mapping[str, Callable[[], None]], reps: int, warmup: int = 1,
-                budget_s: Optional[float] = None
+                budget_s: Optional[float] = None,
+                warmups: Optional[Mapping[str, Callable[[], None]]] = None
                 ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
     """(wall seconds, process CPU seconds) of each fn per repetition, the fns alternating
     (order rotated every repetition). Each fn must block until its work is done. Stops early
-    (after at least 3 repetitions) when budget_s of measurement has been spent.
+    (after at least 3 repetitions) when budget_s of measurement has been spent. `warmups`
+    replaces a fn's warm-up call (e.g. a cheaper call that still compiles everything).
 
     CPU seconds are the work done whatever else runs on the machine (spinning thread pools
     included); wall seconds are what a user waits for."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
-            fns[n]()
+            (warmups or {}).get(n, fns[n])()
     wall: Dict[str, List[float]] = {n: [] for n in names}
     cpu: Dict[str, List[float]] = {n: [] for n in names}
     start = time.perf_counter()
@@ -154,6 +156,26 @@ def t5_decode_flops_per_token(config, inputs_length: int, context: int) -> float
     layer = 4 * c.d_model * inner + 2 * c.d_model * inner + mlp  # self q,k,v,o + cross q,o
     layer += 2 * context * inner + 2 * inputs_length * inner
     return 2.0 * (c.num_decoder_layers * layer + c.d_model * c.vocab_size)
+
+
+def random_params(model, seed: int = 0):
+    """T5-like random params as numpy, without compiling the model's jitted init (30 s for
+    T5 small on this CPU): embeddings std 1, kernels std fan_in**-0.5, norm scales 1,
+    relative position tables uniform(-0.1, 0.1)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if len(s.shape) == 1:
+            return np.ones(s.shape, np.float32)
+        if "relpos" in name:
+            return rng.uniform(-0.1, 0.1, s.shape).astype(np.float32)
+        std = 1.0 if "embedding" in name else s.shape[0] ** -0.5
+        return (rng.standard_normal(s.shape, np.float32) * np.float32(std))
+
+    return jax.tree_util.tree_map_with_path(draw, model.param_shapes())
 
 
 def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:

@@ -37,8 +37,10 @@ def random_batch(vocab_size: int, batch: int, seed: int = 0):
             "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
 
 
-def ours(config, batch):
-    """(step callable, initial params as numpy, first-step cross-entropy)."""
+def ours(config, batch, params=None):
+    """(step callable, initial params as numpy, first-step cross-entropy). The state is
+    built around `params` (default: common.random_params) like a run that starts from a
+    checkpoint."""
     import jax  # pylint: disable=import-outside-toplevel
     from ssr_jax.models.encoder_decoder import EncoderDecoderModel  # pylint: disable=C0415
     from ssr_jax.partitioning import Partitioner  # pylint: disable=import-outside-toplevel
@@ -49,8 +51,9 @@ def ours(config, batch):
     optimizer = optimizers.adafactor(learning_rate=LEARNING_RATE)
     abstract = ts.abstract_state(model, optimizer)
     shardings = ts.state_shardings(partitioner, model, abstract)
-    state = ts.init_state(model, optimizer, partitioner, shardings, seed=0)
-    params0 = jax.device_get(state.params)
+    params0 = common.random_params(model) if params is None else params
+    state = ts.state_from_params(jax.device_put(params0, shardings.params), optimizer,
+                                 partitioner, shardings, seed=0)
     step = steps.make_train_step(model, optimizer, partitioner, shardings)
     global_batch = partitioner.make_global_batch(batch)
     box = {"state": state}
@@ -107,7 +110,8 @@ def run(quick: bool):
     import jax  # pylint: disable=import-outside-toplevel
     from ssr_jax.models.config import T5Config  # pylint: disable=import-outside-toplevel
     threads = common.torch_threads()
-    reps = {"tiny": 3 if quick else 9, "small": 2 if quick else 5}
+    reps = {"tiny": 3 if quick else 9, "small": 3 if quick else 7}
+    budget = {"tiny": 40 if quick else 90, "small": 60 if quick else 150}  # seconds
     rows, data, notes = [], {}, []
     matmul = common.matmul_runner()
     for shape, (overrides, batch_size) in SHAPES.items():
@@ -118,14 +122,13 @@ def run(quick: bool):
         flops = common.t5_train_flops(base, batch_size, INPUTS_LENGTH, TARGETS_LENGTH)
         params0 = None
         for dtype in ("float32", "bfloat16"):
-            fn, p0, loss = ours(base.replace(dtype=dtype), batch)
-            params0 = p0 if params0 is None else params0
+            fn, params0, loss = ours(base.replace(dtype=dtype), batch, params0)
             fns[f"ours {dtype}"] = fn
             info[f"ours {dtype}"] = {"first_loss": loss, "dtype": dtype}
         fns["hf float32"], hf_loss = huggingface(base, params0, batch)
         info["hf float32"] = {"first_loss": hf_loss, "dtype": "float32"}
         fns["matmul"] = matmul
-        times, cpu = common.interleaved(fns, reps[shape], warmup=1)
+        times, cpu = common.interleaved(fns, reps[shape], warmup=1, budget_s=budget[shape])
         matmul_flops = 2.0 * 2048 ** 3 / common.median(times["matmul"])
         hf_s = common.median(times["hf float32"])
         for name in ("ours float32", "ours bfloat16", "hf float32"):
