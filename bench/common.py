@@ -125,37 +125,11 @@ def spread(xs: Sequence[float]) -> float:
     return (q3 - q1) / (2 * statistics.median(s))
 
 
-# --- FLOPs ------------------------------------------------------------------------------------
-def t5_forward_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
-    """Matmul FLOPs of one teacher-forced forward pass of a T5 (2 per multiply-add):
-    every projection, the attention scores and weighted sums, and the output layer.
-    The embedding lookup, norms, softmax and activations are not counted."""
-    c = config
-    s, t = inputs_length, targets_length
-    inner = c.num_heads * c.d_kv
-    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-    attn_proj = 4 * c.d_model * inner
-    enc_layer = s * (attn_proj + mlp) + 2 * s * s * inner
-    dec_layer = t * (2 * attn_proj + mlp) + 2 * t * t * inner + 2 * t * s * inner
-    output = t * c.d_model * c.vocab_size
-    return 2.0 * batch * (c.num_encoder_layers * enc_layer + c.num_decoder_layers * dec_layer
-                          + output)
-
-
+# --- FLOPs ---------------------------------------------------------------------------------
 def t5_train_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
-    """Forward + backward: 3x the forward's matmul FLOPs."""
-    return 3.0 * t5_forward_flops(config, batch, inputs_length, targets_length)
-
-
-def t5_decode_flops_per_token(config, inputs_length: int, context: int) -> float:
-    """Matmul FLOPs of one incremental decoder step for one row (cached keys/values),
-    attending to `context` previous positions and the encoder's inputs_length positions."""
-    c = config
-    inner = c.num_heads * c.d_kv
-    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-    layer = 4 * c.d_model * inner + 2 * c.d_model * inner + mlp  # self q,k,v,o + cross q,o
-    layer += 2 * context * inner + 2 * inputs_length * inner
-    return 2.0 * (c.num_decoder_layers * layer + c.d_model * c.vocab_size)
+    """Analytic matmul FLOPs of a train step (ssr_jax.plan's count, used by `ssr-jax plan`)."""
+    from ssr_jax.plan import t5_train_flops as flops  # pylint: disable=import-outside-toplevel
+    return flops(config, batch, inputs_length, targets_length)
 
 
 def random_params(model, seed: int = 0):
@@ -176,21 +150,6 @@ def random_params(model, seed: int = 0):
         return (rng.standard_normal(s.shape, np.float32) * np.float32(std))
 
     return jax.tree_util.tree_map_with_path(draw, model.param_shapes())
-
-
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of one plain fp32 jnp.dot of two n x n matrices (median of reps)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    jax.block_until_ready(f(a, a))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / median(times)
 
 
 def matmul_runner(n: int = 2048) -> Callable[[], None]:

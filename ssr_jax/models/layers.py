@@ -84,7 +84,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: x @ embedding^T."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+        return _rows_matmul(x, self.embedding[...].astype(self.dtype).T)
 
 
 class Dense(nnx.Module):
@@ -96,7 +96,20 @@ class Dense(nnx.Module):
         self.kernel = param(rngs, init, (d_in, d_out), param_dtype, names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,df->...f", x, self.kernel[...].astype(self.dtype))
+        return _rows_matmul(x, self.kernel[...].astype(self.dtype))
+
+
+def _rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., d] @ kernel [d, f] as ONE 2-D matmul over the flattened leading dims.
+
+    Same products and sums as the einsum "...d,df->...f", but the kernel's gradient then
+    contracts a single row dimension: with the leading dims kept, XLA:CPU first copies the
+    output gradient into a transposed layout (for the vocab projection a [vocab, tokens]
+    copy) and runs the loss's backward twice; flattened, the logits + loss backward of the
+    tiny T5 1.1 step takes half the time (bench/NOTES.md).
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
 def _fan_in(scale: float = 1.0, distribution: str = "normal") -> Initializer:
@@ -177,7 +190,7 @@ class MultiHeadAttention(nnx.Module):
         return self._heads(self.query(inputs_q))
 
     def project_kv(self, inputs_kv: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        """Keys and values [batch, length, heads, d_kv] (also used to fill decode caches)."""
+        """Keys and values [batch, length, heads, d_kv]."""
         return self._heads(self.key(inputs_kv)), self._heads(self.value(inputs_kv))
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
@@ -189,6 +202,24 @@ class MultiHeadAttention(nnx.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = dropout(weights, self.dropout_rate, dropout_key)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self._merge_heads(out)
+
+    def project_kv_cache(self, inputs_kv: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Keys and values head-major, [batch, heads, length, d_kv]: the decode caches' layout."""
+        k, v = self.project_kv(inputs_kv)
+        return _head_major(k), _head_major(v)
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                      bias: jax.Array) -> jax.Array:
+        """`attend` of q [b,q,h,d] over head-major caches k/v [b,h,k,d] (incremental decoding,
+        no dropout). Head-major, each (row, head) is a plain matrix-vector product over a
+        contiguous cache; with [b,k,h,d] caches XLA:CPU transposed every cache at every
+        decoding step (a quarter of T5 small's sampling time)."""
+        logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+        return self._merge_heads(jnp.einsum("bhqk,bhkd->bqhd", weights, v))
+
+    def _merge_heads(self, out: jax.Array) -> jax.Array:
         out = out.reshape(out.shape[:2] + (self.num_heads * self.d_kv,))
         out = constrain(out, ("batch", "length", "joined_kv"))
         return self.out(out)
@@ -203,16 +234,21 @@ class MultiHeadAttention(nnx.Module):
                     bias: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
         """Self-attention of one new position x [b,1,d] written into the cache at `step`.
 
-        cache: preallocated keys/values [batch, max_len, heads, d_kv]; bias [.., 1, max_len]
-        masks the positions after `step`.
+        cache: preallocated head-major keys/values [batch, heads, max_len, d_kv]; bias
+        [.., 1, max_len] masks the positions after `step`.
         """
         q = self.project_q(x)
-        k_new, v_new = self.project_kv(x)
+        k_new, v_new = self.project_kv_cache(x)
         k_cache, v_cache = cache
-        start = (0, step, 0, 0)
+        start = (0, 0, step, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
-        return self.attend(q, k_cache, v_cache, bias, None), (k_cache, v_cache)
+        return self.attend_cached(q, k_cache, v_cache, bias), (k_cache, v_cache)
+
+
+def _head_major(x: jax.Array) -> jax.Array:
+    """[batch, length, heads, d_kv] -> [batch, heads, length, d_kv]."""
+    return constrain(jnp.swapaxes(x, 1, 2), ("batch", "heads", "length", "kv"))
 
 
 ACTIVATION_FNS = {

@@ -115,7 +115,7 @@ class DecoderLayer(nnx.Module):
         x = x + y
         h = self.pre_cross_attention_layer_norm(x)
         attn = self.encoder_decoder_attention
-        x = x + attn.attend(attn.project_q(h), cross_kv[0], cross_kv[1], cross_bias, None)
+        x = x + attn.attend_cached(attn.project_q(h), cross_kv[0], cross_kv[1], cross_bias)
         x = x + self.mlp(self.pre_mlp_layer_norm(x))
         return x, cache
 
@@ -201,12 +201,12 @@ class Decoder(nnx.Module):
         return self.logits(x, embedder)
 
     def cross_kv(self, encoded):
-        return {f"layers_{i}": layer.encoder_decoder_attention.project_kv(encoded)
+        return {f"layers_{i}": layer.encoder_decoder_attention.project_kv_cache(encoded)
                 for i, layer in enumerate(self._layers())}
 
     def decode_step(self, x, cache, cross_kv, cross_bias, step, embedder: Embed):
         """One position for every row: x [n, 1, d] -> (logits [n, vocab], new cache)."""
-        max_len = next(iter(cache.values()))[0].shape[1]
+        max_len = next(iter(cache.values()))[0].shape[2]  # [n, heads, max_len, d_kv]
         kpos = jnp.arange(max_len, dtype=jnp.int32)
         qpos = jnp.reshape(step, (1, 1)).astype(jnp.int32)
         self_bias = (self.relpos_bias(qpos, kpos[None, :])
@@ -281,7 +281,7 @@ class T5Transformer(nnx.Module):
             rep = lambda a: jnp.repeat(a, num_repeats, axis=0)  # noqa: E731
             cross, bias = jax.tree.map(rep, (cross, bias))
         n = encoder_input_tokens.shape[0] * num_repeats
-        shape = (n, max_decode_length, c.num_heads, c.d_kv)
+        shape = (n, c.num_heads, max_decode_length, c.d_kv)  # head-major (attend_cached)
         zeros = lambda: jnp.zeros(shape, jnp.dtype(c.dtype))  # noqa: E731
         cache = {f"layers_{i}": (zeros(), zeros()) for i in range(c.num_decoder_layers)}
         return {"cache": cache, "cross_kv": cross, "cross_bias": bias}
