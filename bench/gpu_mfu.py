@@ -24,16 +24,6 @@ SIZES = {
 INPUTS_LENGTH, TARGETS_LENGTH = 512, 114
 
 
-def batch(vocab_size: int, batch_size: int):
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    rng = np.random.RandomState(0)
-    enc = rng.randint(2, vocab_size - 100, (batch_size, INPUTS_LENGTH)).astype(np.int32)
-    tgt = rng.randint(2, vocab_size - 100, (batch_size, TARGETS_LENGTH)).astype(np.int32)
-    dec_in = np.concatenate([np.zeros((batch_size, 1), np.int32), tgt[:, :-1]], axis=1)
-    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-            "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
-
-
 def run(quick: bool):
     import jax  # pylint: disable=import-outside-toplevel
     from ssr_jax.models.config import T5Config  # pylint: disable=import-outside-toplevel
@@ -54,7 +44,8 @@ def run(quick: bool):
     rows, data = [], {"measured": True, "device": device.device_kind, "peak_flops": peak}
     for size, (overrides, batch_size) in SIZES.items():
         config = T5Config(**overrides, dtype="bfloat16")
-        b = batch(config.vocab_size, batch_size)
+        b = train_step.random_batch(config.vocab_size, batch_size, 0, INPUTS_LENGTH,
+                                    TARGETS_LENGTH)
         fn, _, _ = train_step.ours(config, b)
         times, _ = common.interleaved({"step": fn}, 5 if quick else 20, warmup=2)
         s = common.median(times["step"])

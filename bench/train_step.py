@@ -26,12 +26,13 @@ INPUTS_LENGTH, TARGETS_LENGTH = 128, 32
 LEARNING_RATE = 1e-3
 
 
-def random_batch(vocab_size: int, batch: int, seed: int = 0):
+def random_batch(vocab_size: int, batch: int, seed: int = 0, inputs_length: int = INPUTS_LENGTH,
+                 targets_length: int = TARGETS_LENGTH):
+    """An unpacked teacher-forced batch of random ids (below the sentinels, never pad or EOS)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     rng = np.random.RandomState(seed)
-    # Ids below the sentinels, never pad (0) or EOS (1).
-    enc = rng.randint(2, vocab_size - 100, (batch, INPUTS_LENGTH)).astype(np.int32)
-    tgt = rng.randint(2, vocab_size - 100, (batch, TARGETS_LENGTH)).astype(np.int32)
+    enc = rng.randint(2, vocab_size - 100, (batch, inputs_length)).astype(np.int32)
+    tgt = rng.randint(2, vocab_size - 100, (batch, targets_length)).astype(np.int32)
     dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
     return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
             "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
