@@ -7,8 +7,8 @@ depth extrapolation's error, and the T5 1.1 XL student + XXL teacher plan on 64 
 2. extrapolation: T5 1.1 small (8+8 layers) on 8 devices, fully compiled vs extrapolated from
    2 and 4 layers per stack.
 3. XL + XXL: gin/experiments/plan_xl_xxl.gin on 64 fake devices, extrapolated from 2 and 4
-   layers (compiling all 24+24 layers of XL for 64 devices takes about 8 minutes on 2 busy
-   cores; done once, it agreed with the extrapolation to 0.001%: see NOTES.md).
+   layers (a full compile of XL's 24+24 layers for 64 devices takes minutes on 2 cores; part
+   2 measures the extrapolation's error where a full compile is affordable).
 """
 import contextlib
 import io

@@ -213,8 +213,8 @@ class MultiHeadAttention(nnx.Module):
                       bias: jax.Array) -> jax.Array:
         """`attend` of q [b,q,h,d] over head-major caches k/v [b,h,k,d] (incremental decoding,
         no dropout). Head-major, each (row, head) is a plain matrix-vector product over a
-        contiguous cache; with [b,k,h,d] caches XLA:CPU transposed every cache at every
-        decoding step (a quarter of T5 small's sampling time)."""
+        contiguous cache; with [b,k,h,d] caches XLA:CPU first transposed them with a slow
+        element-wise copy (the cross-attention caches: a quarter of T5 small's sampling)."""
         logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
         return self._merge_heads(jnp.einsum("bhqk,bhkd->bqhd", weights, v))
