@@ -127,8 +127,8 @@ def spread(xs: Sequence[float]) -> float:
 
 # --- FLOPs ---------------------------------------------------------------------------------
 def t5_train_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
-    """Analytic matmul FLOPs of a train step (ssr_jax.plan's count, used by `ssr-jax plan`)."""
-    from ssr_jax.plan import t5_train_flops as flops  # pylint: disable=import-outside-toplevel
+    """Analytic matmul FLOPs of a train step (the count behind MFU and `ssr-jax plan`)."""
+    from ssr_jax.models.flops import t5_train_flops as flops  # pylint: disable=C0415
     return flops(config, batch, inputs_length, targets_length)
 
 
@@ -149,7 +149,7 @@ def random_params(model, seed: int = 0):
         std = 1.0 if "embedding" in name else s.shape[0] ** -0.5
         return (rng.standard_normal(s.shape, np.float32) * np.float32(std))
 
-    return jax.tree_util.tree_map_with_path(draw, model.param_shapes())
+    return jax.tree_util.tree_map_with_path(draw, model.abstract_params())
 
 
 def matmul_runner(n: int = 2048) -> Callable[[], None]:

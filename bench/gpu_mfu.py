@@ -1,7 +1,7 @@
 """Benchmark 6 (GPU only): bf16 model FLOPs utilisation of our train step for T5 1.1 base and
 large on one accelerator.
 
-Model FLOPs: the analytic matmul count (ssr_jax.plan.t5_train_flops: projections, attention,
+Model FLOPs: the analytic matmul count (ssr_jax.models.flops.t5_train_flops: projections, attention,
 output layer; forward + backward = 3x forward); MFU = model FLOPs / step time / the device's
 dense bf16 peak (ssr_jax.train.metrics.PEAK_FLOPS_BY_KIND). T5 pre-training shapes: 512
 inputs / 114 targets, packed-size batches of random ids, Adafactor, bf16 activations with
@@ -27,7 +27,7 @@ INPUTS_LENGTH, TARGETS_LENGTH = 512, 114
 def run(quick: bool):
     import jax  # pylint: disable=import-outside-toplevel
     from ssr_jax.models.config import T5Config  # pylint: disable=import-outside-toplevel
-    from ssr_jax.plan import t5_train_flops  # pylint: disable=import-outside-toplevel
+    from ssr_jax.models.flops import t5_train_flops  # pylint: disable=C0415
     from ssr_jax.train.metrics import peak_flops  # pylint: disable=import-outside-toplevel
     import train_step  # pylint: disable=import-outside-toplevel
     device = jax.devices()[0]

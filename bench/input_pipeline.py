@@ -54,8 +54,9 @@ def measure(fn, min_seconds: float, min_calls: int = 3):
 def producers(quick: bool):
     from ssr_jax.data import packing  # pylint: disable=import-outside-toplevel
     from ssr_jax.data import ssr_preprocessors as ssr  # pylint: disable=C0415
-    from ssr_jax.data.pipeline import InputPipeline, import_task_module  # pylint: disable=C0415
-    from ssr_jax.ssr.online import pad_rows  # pylint: disable=import-outside-toplevel
+    from ssr_jax.data.dataset import import_task_module  # pylint: disable=C0415
+    from ssr_jax.data.pipeline import InputPipeline  # pylint: disable=C0415
+    from ssr_jax.ssr.stage import pad_rows  # pylint: disable=import-outside-toplevel
     import_task_module("tasks")
     seconds = 8 if quick else 25
     out = {}

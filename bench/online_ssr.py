@@ -4,7 +4,7 @@ The real training loop (`ssr_jax.train.trainer.train`) runs the default SSR stud
 (gin/experiments/default_student_ssr.gin: d_model 64, 2+2 layers, vocabulary 4224, batch 16
 x 128/32, 2 examples per row: 24 SSR + 8 span-corruption examples per step) with
   * span corruption only (the baseline: the same student, batch and lengths), and
-  * online SSR (`ssr_online_stage`, the gin objective's factory) with a teacher of the
+  * online SSR (`ssr_jax.ssr.spec.online`, what the gin objective binds) with a teacher of the
     student's size (1x) and one 4x its non-embedding parameters (the tiny T5 1.1 shape of
     the default teacher: d_model 128, 2+2 layers).
 Teachers are random-weight checkpoints written for the run; they sample top-p 0.9 up to
@@ -57,11 +57,11 @@ def train_seconds_per_step(task: str, steps: int, log_every: int, factory=None):
     from ssr_jax.partitioning import Partitioner  # pylint: disable=import-outside-toplevel
     from ssr_jax.train import optimizers, trainer  # pylint: disable=import-outside-toplevel
     from ssr_jax.train.checkpoints import CheckpointConfig  # pylint: disable=C0415
-    from ssr_jax.train.input_stage import DatasetConfig  # pylint: disable=C0415
+    from ssr_jax.data.dataset import DatasetConfig  # pylint: disable=C0415
     with tempfile.TemporaryDirectory() as model_dir, contextlib.redirect_stdout(io.StringIO()):
         result = trainer.train(
                 model=EncoderDecoderModel(T5Config(**STUDENT)), model_dir=model_dir,
-                train_dataset=DatasetConfig(task, LENGTHS, batch_size=BATCH),
+                train_dataset=DatasetConfig(task, LENGTHS, batch_size=BATCH, module="tasks"),
                 train_steps=steps, optimizer=optimizers.adafactor(learning_rate=1e-3),
                 partitioner=Partitioner({"data": -1}),
                 checkpoint=CheckpointConfig(save_every=10 ** 9, keep=1, async_save=False),
@@ -72,8 +72,9 @@ def train_seconds_per_step(task: str, steps: int, log_every: int, factory=None):
 
 
 def run(quick: bool):
-    from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr.online import SsrStageConfig  # pylint: disable=import-outside-toplevel
+    from ssr_jax.data.dataset import DatasetConfig  # pylint: disable=C0415
+    from ssr_jax.ssr import spec as ssr_spec  # pylint: disable=import-outside-toplevel
+    from ssr_jax.ssr.stage import SsrStageConfig  # pylint: disable=import-outside-toplevel
     from ssr_jax.ssr.teacher import TeacherConfig  # pylint: disable=import-outside-toplevel
     log_every = 4 if quick else 8
     steps = log_every * (3 if quick else 4)
@@ -87,10 +88,10 @@ def run(quick: bool):
     with tempfile.TemporaryDirectory() as root:
         for name, overrides in TEACHERS.items():
             path = write_teacher(os.path.join(root, name), overrides)
-            factory = gin_bindings.ssr_online_stage(
-                    teacher=TeacherConfig(checkpoint_path=path, top_p=0.9), config=stage,
-                    student_vocab_size=input_pipeline.VOCAB_SIZE,
-                    mixture_or_task_name="ssr_default_ssr_masked")
+            spec = ssr_spec.online(TeacherConfig(checkpoint_path=path, top_p=0.9), stage,
+                                   input_pipeline.VOCAB_SIZE)
+            factory = ssr_spec.input_stage_factory(spec, DatasetConfig(
+                    "ssr_default_ssr_masked", LENGTHS, batch_size=BATCH, module="tasks"))
             s, w = train_seconds_per_step("ssr_default_ssr_masked", steps, log_every, factory)
             ratio = layer_params(overrides) / student_layers
             data[f"online SSR teacher {name}"] = {"step_s": s, "windows": w,

@@ -100,14 +100,14 @@ def extrapolation():
     lengths = {"inputs": 128, "targets": 32}
 
     def at(n):
-        return plan.plan_train_step(EncoderDecoderModel(plan._with_layers(config, n)),  # noqa
-                                    optimizer, partitioner, 32, lengths)
+        return plan.plan_train_step(EncoderDecoderModel(config).replace_config(
+                num_encoder_layers=n, num_decoder_layers=n), optimizer, partitioner, 32, lengths)
 
     full = at(config.num_encoder_layers)
     model = EncoderDecoderModel(config)
     est = plan.extrapolate(at, config.num_encoder_layers, 2,
                            plan.state_footprint(model, partitioner, optimizer),
-                           plan.t5_train_flops(config, 32, 128, 32))
+                           model.train_flops(32, 128, 32))
     fields = ("activation_bytes", "peak_bytes", "argument_bytes", "xla_flops_per_device")
     errors = {f: rel(getattr(est, f), getattr(full, f)) for f in fields}
     rows = [[f.replace("_", " "), common.fmt(float(getattr(est, f))),
@@ -120,14 +120,15 @@ def extrapolation():
 
 
 def xl_xxl():
-    from ssr_jax import plan  # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli import plan as plan_cli  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "plan.json")
         buf = io.StringIO()
         t0 = time.time()
         with contextlib.redirect_stdout(buf):
-            rc = plan.main([f"--gin_file={os.path.join(REPO, 'gin/experiments/plan_xl_xxl.gin')}",
-                            "--extrapolate_from_layers=2", f"--json={out}"])
+            gin_file = os.path.join(REPO, "gin/experiments/plan_xl_xxl.gin")
+            rc = plan_cli.main([f"--gin_file={gin_file}", "--extrapolate_from_layers=2",
+                                f"--json={out}"])
         seconds = time.time() - t0
         if rc != 0:
             raise RuntimeError(f"ssr-jax plan exited {rc}: {buf.getvalue()[-2000:]}")

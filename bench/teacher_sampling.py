@@ -55,7 +55,7 @@ def ours(config, params, x):
     from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
     model = EncoderDecoderModel(config)
     partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
-    shardings = partitioner.param_shardings(model.param_shapes(), model.param_logical_axes())
+    shardings = partitioner.param_shardings(model.abstract_params(), model.param_logical_axes())
     params = jax.device_put(params, shardings)
     decode = DecodeConfig(method="sample", max_decode_length=NEW_TOKENS, top_p=TOP_P)
     teacher = teacher_lib.Teacher(model, params, partitioner, decode, shardings)

@@ -46,7 +46,7 @@ EXIT_ERROR = 1  # an exception in a multi-process run (fail_fast)
 EXIT_USER_ERROR = 2  # a UserError, as the CLI returns it
 EXIT_WATCHDOG = 3  # no step finished in time
 
-# --name flags every multi-process-capable entry point accepts (see add_flags).
+# --name flags every multi-process-capable entry point accepts (the edge parses them).
 FLAG_NAMES = ("coordinator_address", "num_processes", "process_id", "local_device_ids",
               "heartbeat_timeout_s", "step_timeout_s", "multiprocess")
 _ENV_PREFIX = "SSR_JAX_"
@@ -72,31 +72,8 @@ class DistributedConfig:
 _ACTIVE: Optional[DistributedConfig] = None
 
 
-def add_flags(parser) -> None:
-    """The distributed flags, for an argparse-based entry point."""
-    parser.add_argument("--coordinator_address", default=None,
-                        help="host:port of process 0's coordinator")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--local_device_ids", default=None,
-                        help="comma list of local device ids this process uses")
-    parser.add_argument("--heartbeat_timeout_s", type=int, default=None,
-                        help="seconds after which a silent peer is declared dead "
-                        f"(default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
-    parser.add_argument("--step_timeout_s", type=float, default=None,
-                        help="exit when no training step finished for this long "
-                        f"(default {DEFAULT_STEP_TIMEOUT_S:.0f} when multi-process; 0 = never)")
-    parser.add_argument("--multiprocess", default=None,
-                        help="true: join the cluster jax.distributed detects (TPU pod, SLURM)")
-
-
-def config_from_flags(args) -> DistributedConfig:
-    """From an argparse namespace filled by add_flags."""
-    return config_from_strings({n: getattr(args, n, None) for n in FLAG_NAMES})
-
-
 def config_from_strings(values: Mapping[str, Optional[object]]) -> DistributedConfig:
-    """From --name=value flags as strings (e.g. gin_config.parse_flags(...).other)."""
+    """From --name=value flags as strings (the CLI's parsed flags)."""
     def get(name, kind):
         value = values.get(name)
         if value is None or value == "":
@@ -352,3 +329,83 @@ def step_watchdog(what: str = "training step"):
     if timeout <= 0:
         return _NoWatchdog()
     return StepWatchdog(timeout, FIRST_STEP_TIMEOUT_FACTOR * timeout, what)
+
+
+# --- cross-host agreements -------------------------------------------------------------------
+# Every host calls these at the same point of its loop thread (they are collectives when
+# multi-process; a single process answers alone). Values are small host numbers or JSON.
+def _multihost_utils():
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils
+
+
+def allgather(value):
+    """This host's numpy value stacked with every other host's: [process_count, ...]."""
+    import jax
+    import numpy as np
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    return np.asarray(_multihost_utils().process_allgather(value))
+
+
+def any_host(flag: bool) -> bool:
+    """True when the flag is set on at least one host."""
+    import numpy as np
+    return bool(np.any(allgather(np.array([bool(flag)]))))
+
+
+def min_over_hosts(value: int) -> int:
+    """The smallest of every host's integer."""
+    import numpy as np
+    return int(np.min(allgather(np.array([int(value)], np.int64))))
+
+
+def barrier(name: str) -> None:
+    """Returns once every host has reached the barrier of this name."""
+    import jax
+    if jax.process_count() > 1:
+        _multihost_utils().sync_global_devices(name)
+
+
+def gather_json(value) -> list:
+    """Every host's JSON-able value, in process order."""
+    import json
+    import jax
+    import numpy as np
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:raw.size] = raw
+    everyone = allgather(padded)
+    return [json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
+            for i in range(jax.process_count())]
+
+
+def gather_rows(host_rows, count: int):
+    """Every host's first `count` rows of each array in a dict, concatenated in process
+    order (the same on every host); hosts may have different counts."""
+    import numpy as np
+    mine = {k: np.asarray(v)[:count] for k, v in host_rows.items()}
+    counts = allgather(np.array([count]))
+    if len(counts) == 1:
+        return mine
+    out = {}
+    for k, v in host_rows.items():
+        everyone = allgather(np.asarray(v))
+        out[k] = np.concatenate([everyone[i][:int(counts[i][0])] for i in range(len(counts))])
+    return out
+
+
+def reached_preemption_sync_point(step: int) -> Optional[bool]:
+    """Whether the hosts agreed to stop at this step after a preemption notice (JAX's
+    preemption service); None when that service is not available (single process)."""
+    import jax
+    if jax.process_count() == 1:
+        return None
+    try:
+        return bool(_multihost_utils().reached_preemption_sync_point(step))
+    except Exception:  # pylint: disable=broad-except
+        return None

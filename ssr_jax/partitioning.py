@@ -192,6 +192,11 @@ class Partitioner:
                              f"{jax.tree.structure(abstract_params)}")
         return self.logical_to_sharding(logical_axes, abstract_params)
 
+    def model_param_shardings(self, model: Any) -> Tuple[Any, Any]:
+        """(abstract params, their shardings) of a BaseModel, from its logical axes."""
+        abstract = model.abstract_params()
+        return abstract, self.param_shardings(abstract, model.param_logical_axes())
+
     def opt_state_shardings(self, abstract_opt_state: Any, abstract_params: Any,
                             param_shardings: Any) -> Any:
         """Shardings for an optax state by matching its leaves to params by tree path.
@@ -287,6 +292,31 @@ class Partitioner:
         local_rows = {idx[0].start or 0 for idx in index_map.values()}
         return n // len(local_rows) if self.batch_mesh_axes else 1
 
+    def host_rows(self, x: jax.Array) -> np.ndarray:
+        """This host's rows of a global [batch, ...] array, in the order of its host batch
+        (`data_layout(batch)`), read from its own devices' shards: no collective. Works for
+        batch-sharded and replicated arrays; other dimensions must not be sharded."""
+        layout = self.data_layout(x.shape[0])
+        start = layout.shard_index * layout.per_host_batch_size
+        stop = start + layout.per_host_batch_size
+        if x.is_fully_addressable:
+            return np.asarray(x)[start:stop]
+        out = np.empty((stop - start,) + tuple(x.shape[1:]), x.dtype)
+        filled = np.zeros(stop - start, bool)
+        for shard in x.addressable_shards:
+            if any((s.start or 0) != 0 or s.stop not in (None, n)
+                   for s, n in zip(shard.index[1:], x.shape[1:])):
+                raise ValueError("host_rows needs arrays sharded on the batch dimension only")
+            a = shard.index[0].start or 0
+            b = x.shape[0] if shard.index[0].stop is None else shard.index[0].stop
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi and not filled[lo - start:hi - start].all():
+                out[lo - start:hi - start] = np.asarray(shard.data)[lo - a:hi - a]
+                filled[lo - start:hi - start] = True
+        if not filled.all():
+            raise ValueError("this host's devices do not hold all of its rows")
+        return out
+
     # --- activations -------------------------------------------------------------------------
     @contextlib.contextmanager
     def activation_context(self):
@@ -295,6 +325,26 @@ class Partitioner:
         jitted functions (tracing happens there); it cannot be entered inside jit."""
         with jax.set_mesh(self._mesh), flax_spmd.logical_axis_rules(self.rules):
             yield
+
+
+# --- bytes per device -----------------------------------------------------------------------
+def shard_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of (abstract) arrays with these shardings: the
+    largest device's share (shards are even unless a dimension does not divide)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += int(math.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def bytes_on_device(tree: Any, device: Any) -> int:
+    """Bytes of a tree of global arrays that live on one device."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            if shard.device == device:
+                total += shard.data.size * shard.data.dtype.itemsize
+    return total
 
 
 def _path_key(path) -> Tuple[str, ...]:

@@ -5,9 +5,9 @@ rules, global batch, microbatches) is compiled ahead of time on N fake CPU devic
 abstract arguments only (`jax.eval_shape` of the train state, `ShapeDtypeStruct`s with
 their shardings): nothing of the model is allocated. XLA's `memory_analysis()` of the
 partitioned program gives per-device arguments, outputs, aliased (donated) bytes and
-temporaries; `cost_analysis()` its FLOPs. For online SSR (`train.input_stage_factory =
-@ssr_online_stage()`), the teacher's sharded sampler is compiled the same way on the same
-mesh for one step's masked examples.
+temporaries; `cost_analysis()` its FLOPs. For online SSR (`train.ssr = @ssr_online()`), the
+teacher's sharded sampler is compiled the same way on the same mesh for one step's masked
+examples.
 
 Per device, for each program:
   params / opt state   bytes of this device's shards (from the shardings; exact),
@@ -32,23 +32,16 @@ grows faster than linearly with depth on CPU (T5 1.1 XL's 24+24 layers on 64 fak
 many minutes), and bench/plan.py measures the extrapolation's error on a model it can
 compile fully.
 
-Flags: --gin_file/--gin.X=Y as `train`, plus --num_devices=N, --json=PATH (write the plan)
-and --extrapolate_from_layers=K.
+The command (flags, device count, gin) is ssr_jax/cli/plan.py; this module takes plain
+arguments: a BaseModel, an optimizer, a Partitioner, the DatasetConfig and the SsrSpec.
 """
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from ssr_jax.errors import UserError
-
-OWN_FLAGS = ("num_devices", "json", "extrapolate_from_layers")
-# Values `train` needs but a plan never reads; bound only when the user did not bind them.
-UNUSED_REQUIRED = {"MODEL_DIR": "'/tmp/ssr_jax_plan_unused'"}
+from ssr_jax.partitioning import shard_bytes
 BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
               "decoder_loss_weights")
 PACKED_KEYS = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
@@ -80,57 +73,7 @@ class ProgramPlan:
         return self.xla_flops_per_device * self.num_devices
 
 
-# --- analytic FLOPs ---------------------------------------------------------------------------
-def t5_forward_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one teacher-forced forward pass: projections,
-    attention scores and weighted sums, the output layer (no norms, softmax, gathers)."""
-    c = config
-    s, t = inputs_length, targets_length
-    inner = c.num_heads * c.d_kv
-    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-    attn_proj = 4 * c.d_model * inner
-    enc_layer = s * (attn_proj + mlp) + 2 * s * s * inner
-    dec_layer = t * (2 * attn_proj + mlp) + 2 * t * t * inner + 2 * t * s * inner
-    output = t * c.d_model * c.vocab_size
-    return 2.0 * batch * (c.num_encoder_layers * enc_layer + c.num_decoder_layers * dec_layer
-                          + output)
-
-
-def t5_train_flops(config, batch: int, inputs_length: int, targets_length: int) -> float:
-    """Forward + backward (3x the forward's matmul FLOPs)."""
-    return 3.0 * t5_forward_flops(config, batch, inputs_length, targets_length)
-
-
-def t5_generate_flops(config, batch: int, inputs_length: int, decode_length: int) -> float:
-    """Encoder once + `decode_length` cached decoder steps (cross K/V projected once)."""
-    c = config
-    inner = c.num_heads * c.d_kv
-    mlp = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-    enc_layer = inputs_length * (4 * c.d_model * inner + mlp) + 2 * inputs_length ** 2 * inner
-    cross_kv = c.num_decoder_layers * inputs_length * 2 * c.d_model * inner
-    per_token = 0.0
-    for step in range(decode_length):
-        layer = 6 * c.d_model * inner + mlp + 2 * (step + 1) * inner + 2 * inputs_length * inner
-        per_token += c.num_decoder_layers * layer + c.d_model * c.vocab_size
-    return 2.0 * batch * (c.num_encoder_layers * enc_layer + cross_kv + per_token)
-
-
 # --- building blocks --------------------------------------------------------------------------
-def _nbytes(shape, dtype) -> int:
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    return int(math.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def shard_bytes(abstract: Any, shardings: Any) -> int:
-    """Bytes one device holds of a tree of abstract arrays with these shardings (the
-    largest device's share; shards are even unless a dimension does not divide)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
-        total += _nbytes(sharding.shard_shape(leaf.shape), leaf.dtype)
-    return total
-
-
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
     import jax  # pylint: disable=import-outside-toplevel
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -184,9 +127,7 @@ def plan_train_step(model, optimizer, partitioner, batch_size: int,
     seconds = time.perf_counter() - t0
     args, out, alias, temp = _memory(compiled)
     num_params = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    config = getattr(model, "config", None)
-    model_flops = (t5_train_flops(config, batch_size, li, lt) if config is not None
-                   else float("nan"))
+    config = model.config_dict() or {}
     return ProgramPlan(
             name="student train step", num_devices=len(partitioner.mesh.devices.flat),
             mesh=dict(partitioner.mesh_sizes), num_params=num_params,
@@ -194,26 +135,22 @@ def plan_train_step(model, optimizer, partitioner, batch_size: int,
             opt_state_bytes=shard_bytes(abstract.opt_state, shardings.opt_state),
             argument_bytes=args, output_bytes=out, alias_bytes=alias, activation_bytes=temp,
             peak_bytes=args + out - alias + temp, xla_flops_per_device=_flops(compiled),
-            model_flops=model_flops, compile_seconds=seconds,
+            model_flops=model.train_flops(batch_size, li, lt), compile_seconds=seconds,
             details={"batch_size": batch_size, "lengths": [li, lt],
                      "num_microbatches": num_microbatches,
-                     "dtype": getattr(config, "dtype", None),
-                     "remat_policy": getattr(config, "remat_policy", None)})
+                     "dtype": config.get("dtype"), "remat_policy": config.get("remat_policy")})
 
 
-def plan_teacher_generate(teacher_config, partitioner, num_examples: int,
+def plan_teacher_generate(model, partitioner, num_examples: int,
                           slot_lengths: Tuple[int, int], decode) -> ProgramPlan:
     """Compiles the SSR teacher's sharded sampler (ssr_jax.ssr.teacher) from abstract
     arguments: its params in the teacher's dtype, one step's masked examples."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from ssr_jax.models.encoder_decoder import EncoderDecoderModel  # pylint: disable=C0415
     from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
     t0 = time.perf_counter()
-    model = EncoderDecoderModel(teacher_config)
-    abstract = model.param_shapes()
-    shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
-    sampler = teacher_lib._sampler(model, decode, partitioner, shardings)  # pylint: disable=W0212
+    abstract, shardings = partitioner.model_param_shardings(model)
+    sampler = teacher_lib.sampler(model, decode, partitioner, shardings)
     batch = partitioner.batch_sharding()
     n, li = num_examples, slot_lengths[0]
     args = (_with_shardings(abstract, shardings),
@@ -232,11 +169,11 @@ def plan_teacher_generate(teacher_config, partitioner, num_examples: int,
             params_bytes=shard_bytes(abstract, shardings), opt_state_bytes=0,
             argument_bytes=a, output_bytes=out, alias_bytes=alias, activation_bytes=temp,
             peak_bytes=a + out - alias + temp, xla_flops_per_device=_flops(compiled),
-            model_flops=t5_generate_flops(teacher_config, n, li, decode.max_decode_length),
+            model_flops=model.generate_flops(n, li, decode.max_decode_length),
             compile_seconds=seconds,
             details={"examples": n, "slot_lengths": list(slot_lengths),
                      "max_decode_length": decode.max_decode_length,
-                     "dtype": teacher_config.dtype})
+                     "dtype": (model.config_dict() or {}).get("dtype")})
 
 
 def state_footprint(model, partitioner, optimizer=None) -> Dict[str, float]:
@@ -245,8 +182,7 @@ def state_footprint(model, partitioner, optimizer=None) -> Dict[str, float]:
     import jax  # pylint: disable=import-outside-toplevel
     from ssr_jax.train import train_state as ts  # pylint: disable=import-outside-toplevel
     if optimizer is None:
-        params = model.param_shapes()
-        shardings = partitioner.param_shardings(params, model.param_logical_axes())
+        params, shardings = partitioner.model_param_shardings(model)
         opt_bytes = 0
     else:
         abstract = ts.abstract_state(model, optimizer)
@@ -295,92 +231,17 @@ def extrapolate(plan_at, num_layers: int, k: int, exact: Mapping[str, float],
     return out
 
 
-def _layers(config) -> int:
-    if config.num_encoder_layers != config.num_decoder_layers:
+def _layers(model) -> int:
+    c = model.config_dict() or {}
+    enc, dec = c.get("num_encoder_layers"), c.get("num_decoder_layers")
+    if enc is None or enc != dec:
         raise UserError("--extrapolate_from_layers needs as many encoder as decoder layers "
-                        f"(got {config.num_encoder_layers} and {config.num_decoder_layers}).")
-    return config.num_encoder_layers
+                        f"(got {enc} and {dec}).")
+    return enc
 
 
-def _with_layers(config, n: int):
-    return config.replace(num_encoder_layers=n, num_decoder_layers=n)
-
-
-# --- gin edge ---------------------------------------------------------------------------------
-def _evaluate(selector: str, default: Any = None) -> Any:
-    """The value gin would pass for `selector` (a configurable reference is called)."""
-    import gin  # pylint: disable=import-outside-toplevel
-    try:
-        value = gin.query_parameter(selector)
-    except ValueError:
-        return default
-    for _ in range(10):  # macros may point at macros
-        if not isinstance(value, gin.config.ConfigurableReference):
-            return value
-        value = value.scoped_configurable_fn() if value._evaluate else (  # pylint: disable=W0212
-                value.scoped_configurable_fn)
-        if isinstance(value, gin.config.ConfigurableReference):
-            continue
-        return value
-    return value
-
-
-def _teacher_settings():
-    """(TeacherConfig, SsrStageConfig) when the run uses the online SSR stage, else None."""
-    import gin  # pylint: disable=import-outside-toplevel
-    try:
-        factory = gin.query_parameter("train.input_stage_factory")
-    except ValueError:
-        return None
-    if not isinstance(factory, gin.config.ConfigurableReference) or \
-            "ssr_online_stage" not in factory.selector:
-        return None
-    return _evaluate("ssr_online_stage.teacher"), _evaluate("ssr_online_stage.config")
-
-
-def _teacher_t5_config(cfg):
-    """The teacher's T5Config: TeacherConfig.model_config if bound (no checkpoint needed),
-    else its checkpoint's model_config.json; in the teacher's dtype, without dropout."""
-    if cfg.model_config is None:
-        from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=C0415
-        return teacher_lib.teacher_model_config(cfg)
-    return cfg.model_config.replace(dropout_rate=0.0, dtype=cfg.dtype, param_dtype=cfg.dtype)
-
-
-def _mesh_devices(flags_other: Mapping[str, str]) -> int:
-    if "num_devices" in flags_other:
-        try:
-            n = int(flags_other["num_devices"])
-        except ValueError as e:
-            raise UserError(f"--num_devices={flags_other['num_devices']!r} is not an "
-                            "integer.") from e
-        if n < 1:
-            raise UserError(f"--num_devices={n} must be >= 1.")
-        return n
-    mesh = _evaluate("Partitioner.mesh_shape", {"data": -1}) or {"data": -1}
-    if any(int(v) == -1 for v in mesh.values()):
-        raise UserError(f"Partitioner.mesh_shape={dict(mesh)} has a -1 axis; pass "
-                        "--num_devices=N (the devices of the run to plan).")
-    return int(math.prod(int(v) for v in mesh.values()))
-
-
-def _ensure_devices(n: int, argv: List[str]) -> Optional[int]:
-    """Makes JAX see n CPU devices. Returns None to continue in this process, or the exit
-    code of a subprocess that ran the plan with n fake devices."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
-        return None
-    if jax.device_count() == n and jax.devices()[0].platform == "cpu":
-        return None
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    cmd = [sys.executable, "-m", "ssr_jax.cli", "plan", *argv]
-    return subprocess.run(cmd, env=env, check=False).returncode
+def _with_layers(model, n: int):
+    return model.replace_config(num_encoder_layers=n, num_decoder_layers=n)
 
 
 def _gib(x: float) -> str:
@@ -429,99 +290,51 @@ def format_plan(plans: List[ProgramPlan]) -> str:
     return "\n".join(lines)
 
 
-def make_plans(flags) -> List[ProgramPlan]:
-    """Plans of the configured run (gin already parsed, devices already set)."""
+def make_plans(model, optimizer, partitioner, dataset, num_microbatches: int = 1, ssr=None,
+               extrapolate_from_layers: int = 0) -> List[ProgramPlan]:
+    """Plans of a run: the student's train step, and for online SSR (`ssr`, an SsrSpec) the
+    teacher's sampler on the same mesh. extrapolate_from_layers=K: compile K and 2K layers
+    per stack and extrapolate in depth (0: compile all layers)."""
     from ssr_jax.models.base import DecodeConfig  # pylint: disable=import-outside-toplevel
-    from ssr_jax.models.encoder_decoder import EncoderDecoderModel  # pylint: disable=C0415
-    model = _evaluate("train.model")
-    optimizer = _evaluate("train.optimizer")
-    partitioner = _evaluate("train.partitioner")
-    dataset = _evaluate("train.train_dataset")
-    if model is None or optimizer is None or partitioner is None or dataset is None:
-        raise UserError("the gin config does not bind train.model, train.optimizer, "
-                        "train.partitioner and train.train_dataset; include a run-mode file "
-                        "such as runs/pretrain.gin.")
-    microbatches = int(_evaluate("train.num_microbatches", 1) or 1)
-    k = _extrapolation_layers(flags.other)
-    lengths = dataset.task_feature_lengths
-
-    def student_at(config):
-        return plan_train_step(EncoderDecoderModel(config, model.loss), optimizer, partitioner,
-                               dataset.batch_size, lengths, microbatches, dataset.pack)
-
-    if k:
-        config = model.config
-        plans = [extrapolate(lambda n: student_at(_with_layers(config, n)), _layers(config), k,
-                             state_footprint(model, partitioner, optimizer),
-                             t5_train_flops(config, dataset.batch_size, lengths["inputs"],
-                                            lengths["targets"]))]
-    else:
-        plans = [plan_train_step(model, optimizer, partitioner, dataset.batch_size, lengths,
-                                 microbatches, dataset.pack)]
-    teacher = _teacher_settings()
-    if teacher is not None:
-        from ssr_jax.ssr import online  # pylint: disable=import-outside-toplevel
-        from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=C0415
-        teacher_cfg, stage_cfg = teacher
-        slots = online.plan_slots(lengths, dataset.batch_size, stage_cfg, partitioner,
-                                  microbatches)
-        decode = DecodeConfig(
-                method="sample", max_decode_length=teacher_lib.static_decode_length(
-                        *slots.slot_lengths, teacher_cfg.fill_ratio),
-                temperature=teacher_cfg.temperature, top_k=teacher_cfg.top_k,
-                top_p=teacher_cfg.top_p)
-        config = _teacher_t5_config(teacher_cfg)
-
-        def teacher_at(c):
-            return plan_teacher_generate(c, partitioner, slots.ssr_examples,
-                                         slots.slot_lengths, decode)
-
-        if k:
-            plans.append(extrapolate(
-                    lambda n: teacher_at(_with_layers(config, n)), _layers(config), k,
-                    state_footprint(EncoderDecoderModel(config), partitioner),
-                    t5_generate_flops(config, slots.ssr_examples, slots.slot_lengths[0],
-                                      decode.max_decode_length)))
-        else:
-            plans.append(teacher_at(config))
-    return plans
-
-
-def _extrapolation_layers(other: Mapping[str, str]) -> int:
-    value = other.get("extrapolate_from_layers", "0")
-    try:
-        k = int(value)
-    except ValueError as e:
-        raise UserError(f"--extrapolate_from_layers={value!r} is not an integer.") from e
+    k = int(extrapolate_from_layers)
     if k < 0:
         raise UserError(f"--extrapolate_from_layers={k} must be >= 0 (0: compile all layers).")
-    return k
+    lengths = dataset.task_feature_lengths
+    li, lt = lengths["inputs"], lengths["targets"]
 
+    def student_at(m):
+        return plan_train_step(m, optimizer, partitioner, dataset.batch_size, lengths,
+                               num_microbatches, dataset.pack)
 
-def main(argv: List[str]) -> int:
-    """`ssr-jax plan --gin_file=F [--gin.X=Y] [--num_devices=N] [--json=PATH]`."""
-    from ssr_jax import gin_config  # pylint: disable=import-outside-toplevel
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    flags = gin_config.parse_flags(argv, allowed_other=OWN_FLAGS)
-    bound = {b.split("=")[0].strip() for b in flags.bindings}
-    flags.bindings = [f"{k} = {v}" for k, v in UNUSED_REQUIRED.items() if k not in bound] + \
-        flags.bindings
-    try:
-        from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
-        gin_bindings.register()
-    except ImportError:
-        pass
-    gin_config.setup(flags)
-    n = _mesh_devices(flags.other)
-    rc = _ensure_devices(n, argv)
-    if rc is not None:
-        return rc
-    plans = make_plans(flags)
-    k = _extrapolation_layers(flags.other)
-    how = f", depth extrapolated from {k} and {2 * k} layers per stack" if k else ""
-    print(f"plan on {n} fake CPU devices{how}:")
-    print(format_plan(plans), flush=True)
-    if "json" in flags.other:
-        with open(flags.other["json"], "w") as f:
-            json.dump([dataclasses.asdict(p) for p in plans], f, indent=1)
-    return 0
+    if k:
+        plans = [extrapolate(lambda n: student_at(_with_layers(model, n)), _layers(model), k,
+                             state_footprint(model, partitioner, optimizer),
+                             model.train_flops(dataset.batch_size, li, lt))]
+    else:
+        plans = [student_at(model)]
+    if ssr is None or ssr.mode != "online":
+        return plans
+    from ssr_jax.ssr import stage as stage_lib  # pylint: disable=import-outside-toplevel
+    from ssr_jax.ssr import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+    slots = stage_lib.plan_slots(lengths, dataset.batch_size, ssr.config, partitioner,
+                                 num_microbatches)
+    t = ssr.teacher
+    decode = DecodeConfig(
+            method="sample", max_decode_length=teacher_lib.static_decode_length(
+                    *slots.slot_lengths, stage_lib.task_fill_ratio(dataset)),
+            temperature=t.temperature, top_k=t.top_k, top_p=t.top_p)
+    teacher = teacher_lib.teacher_model(t)
+
+    def teacher_at(m):
+        return plan_teacher_generate(m, partitioner, slots.ssr_examples, slots.slot_lengths,
+                                     decode)
+
+    if k:
+        plans.append(extrapolate(
+                lambda n: teacher_at(_with_layers(teacher, n)), _layers(teacher), k,
+                state_footprint(teacher, partitioner),
+                teacher.generate_flops(slots.ssr_examples, slots.slot_lengths[0],
+                                       decode.max_decode_length)))
+    else:
+        plans.append(teacher_at(teacher))
+    return plans

@@ -1,15 +1,15 @@
-"""SentencePiece vocabularies with T5's layout, and the `ssr-jax build-vocab` command.
+"""SentencePiece vocabularies with T5's layout, and the sentinel arithmetic everyone shares.
 
 T5's layout: pad=0, eos=1, unk=2, no bos; 100 extra ids appended after the SentencePiece
-pieces, so `<extra_id_0>` is the highest id. A user with T5's own `cc_all.32000` model simply
-points `get_vocabulary` (or the gin VOCABULARY) at it.
+pieces, so `<extra_id_0>` is the highest id and `<extra_id_k>` = vocab_size - 1 - k. A user
+with T5's own `cc_all.32000` model simply points `get_vocabulary` at it. The sentinel helpers
+take plain sizes and work on ints, numpy arrays and TF tensors alike (only arithmetic and
+comparisons), so the mask (TF), the rewrite (numpy) and the teacher share one definition.
 """
-import argparse
 import hashlib
 import json
 import os
-import sys
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 from ssr_jax.errors import UserError
 
@@ -72,9 +72,30 @@ def padded_vocab_size(vocab, multiple: int = 128) -> int:
     return -(-vocab.vocab_size // multiple) * multiple
 
 
+def sentinel(vocab_size, k):
+    """Id of `<extra_id_k>` for a vocabulary of `vocab_size` ids (extra ids included)."""
+    return vocab_size - 1 - k
+
+
+def sentinel_index(vocab_size, token):
+    """k of the sentinel `<extra_id_k>` = token (the inverse of `sentinel`)."""
+    return vocab_size - 1 - token
+
+
+def sentinel_range(vocab_size: int, num_extra_ids: int) -> Tuple[int, int]:
+    """[lo, hi): the ids that are sentinels."""
+    return vocab_size - num_extra_ids, vocab_size
+
+
+def is_sentinel(token, vocab_size: int, num_extra_ids: int):
+    """True where token is one of the sentinel ids (elementwise for arrays)."""
+    lo, hi = sentinel_range(vocab_size, num_extra_ids)
+    return (token >= lo) & (token < hi)
+
+
 def sentinel_id(vocab, k: int) -> int:
-    """Id of `<extra_id_k>`: sentinels count down from the top of the vocabulary."""
-    return vocab.vocab_size - 1 - k
+    """Id of `<extra_id_k>` of a vocabulary object."""
+    return sentinel(vocab.vocab_size, k)
 
 
 def vocab_record(vocabulary) -> Dict[str, Any]:
@@ -99,26 +120,3 @@ def write_vocab_record(directory: str, vocabulary) -> str:
         json.dump(vocab_record(vocabulary), f, indent=2)
     os.replace(tmp, path)
     return path
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ssr-jax build-vocab",
-        description="Train a SentencePiece vocabulary with T5's settings (unigram, pad=0, "
-                    "eos=1, unk=2, no byte fallback).")
-    parser.add_argument("--input", nargs="+", required=True, help="text files, one "
-                        "sentence/paragraph per line")
-    parser.add_argument("--model_prefix", required=True, help="output prefix: writes "
-                        "PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--extra_ids", type=int, default=DEFAULT_EXTRA_IDS)
-    args = parser.parse_args(argv)
-    path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size)
-    vocab = get_vocabulary(path, args.extra_ids)
-    print(f"wrote {path}: {vocab.vocab_size} ids with {args.extra_ids} extra ids; "
-          f"model vocab_size (padded to 128) = {padded_vocab_size(vocab)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 import seqio
 
 from ssr_jax.data import factories
-from tasks import t5_vocabulary
+from tasks.vocabularies import t5_vocabulary
 
 
 C4_TFDS = "c4/en:3.1.0"

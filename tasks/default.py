@@ -2,7 +2,7 @@
 import seqio
 
 from ssr_jax.data import corpus, factories, metrics
-from tasks import default_vocabulary
+from tasks.vocabularies import default_vocabulary
 
 SPAN_CORRUPTION = "ssr_default_span_corruption"
 SSR_MASKED = "ssr_default_ssr_masked"

@@ -11,7 +11,7 @@ import seqio
 import tensorflow as tf
 
 from ssr_jax.data import factories, metrics
-from tasks import t5_vocabulary
+from tasks.vocabularies import t5_vocabulary
 
 _SPLITS = ("train", "validation", "test")
 
@@ -32,7 +32,7 @@ if "cnn_dailymail_v3" not in seqio.TaskRegistry.names():
     factories.register_tfds_seq2seq_task(
         "xsum", "xsum:1.1.0", "document", "summary", t5_vocabulary(), prefix="summarize: ",
         metric_fns=[metrics.rouge], splits=_SPLITS)
-    seqio.TaskRegistry.add(
+    factories.add_task(
         "squad_question_generation",
         source=seqio.TfdsDataSource(tfds_name="squad/v1.1:3.0.0",
                                     splits=("train", "validation")),

@@ -1,7 +1,7 @@
 """Subprocess body for tests/test_multihost.py (not a test module itself).
 
   python tests/multihost_worker.py train SPEC.json
-      Runs `ssr-jax train` (ssr_jax.train.main.train_main) once per argv list in
+      Runs `ssr-jax train` (ssr_jax.cli.train.main) once per argv list in
       SPEC["runs"], in this one process: joined to a multi-process run through the
       SSR_JAX_* environment exactly as launch/local_multiprocess.sh does it, or alone.
       With SPEC["emulate_hosts"] = H (single process only) the input pipelines read what
@@ -74,7 +74,7 @@ def emulate_hosts(num_hosts: int):
     """Patches the pipeline class and the SSR stage's packing for `num_hosts` hosts."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from ssr_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr import online  # pylint: disable=import-outside-toplevel
+    from ssr_jax.ssr import stage as online  # pylint: disable=import-outside-toplevel
 
     real = pipeline_lib.InputPipeline
 
@@ -87,7 +87,7 @@ def emulate_hosts(num_hosts: int):
     real_pack = online.SSRStage.pack
 
     def pack(self, examples):
-        # _finish passes the step's n rewritten examples, then its k span-corruption ones;
+        # finish() gives the step's n rewritten examples, then its k span-corruption ones;
         # each emulated host packs its 1/H of both into its 1/H of the rows.
         n, k = self.plan.ssr_examples, self.plan.sc_examples
         assert len(examples) == n + k, (len(examples), n, k)
@@ -106,16 +106,16 @@ def emulate_hosts(num_hosts: int):
 def record_teacher_calls():
     """Keeps (teacher inputs, this process's rows of the teacher output) of every online SSR
     step; returns the list they are appended to."""
-    from ssr_jax.ssr import online  # pylint: disable=import-outside-toplevel
+    from ssr_jax.ssr import stage  # pylint: disable=import-outside-toplevel
     calls = []
-    real_rewrite = online.TeacherCall.rewrite
+    real_result = stage.TeacherCall.result
 
-    def rewrite(self):
-        result = real_rewrite(self)
-        calls.append((self.inputs.copy(), online.local_rows(self.output)))
-        return result
+    def result(self):
+        out = real_result(self)
+        calls.append((self.inputs.copy(), self.partitioner.host_rows(self.output)))
+        return out
 
-    online.TeacherCall.rewrite = rewrite
+    stage.TeacherCall.result = result
     return calls
 
 
@@ -126,9 +126,7 @@ def train_mode(spec_path: str) -> int:
     if spec.get("emulate_hosts"):
         emulate_hosts(int(spec["emulate_hosts"]))
     calls = record_teacher_calls() if spec.get("record_teacher") else None
-    from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
-    from ssr_jax.train.main import train_main  # pylint: disable=import-outside-toplevel
-    gin_bindings.register()  # the online SSR stage's gin names
+    from ssr_jax.cli.train import main as train_main  # pylint: disable=C0415
     for argv in spec["runs"]:
         rc = train_main(list(argv))
         if rc:

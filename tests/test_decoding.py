@@ -7,7 +7,6 @@ beam search that reorders its cache wrongly gives wrong scores)."""
 import dataclasses
 import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from ssr_jax.models import decoding
 from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+import helpers
 
 V, S = 6, 5  # vocab (0 = pad, 1 = EOS), cache states
 EOS = 1
@@ -213,13 +213,8 @@ CONFIG = T5Config(vocab_size=32, d_model=32, num_heads=2, d_kv=8, d_ff=32, num_e
 @pytest.fixture(scope="module")
 def model_and_params():
     model = EncoderDecoderModel(CONFIG)
-    rng = np.random.RandomState(0)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return np.ones(s.shape, np.float32)
-        return (rng.standard_normal(s.shape) * 2 / math.sqrt(s.shape[0])).astype(np.float32)
-    params = jax.tree.map(draw, model.param_shapes())
+    params = helpers.random_params(CONFIG, 0, scale=2.0)
+    rng = np.random.RandomState(1)
     enc = rng.randint(2, CONFIG.vocab_size, (4, 9))
     enc[1, 5:] = 0
     return model, params, {"encoder_input_tokens": jnp.asarray(enc, jnp.int32)}

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ssr_jax import default_run
+from ssr_jax.cli import default_run
 from ssr_jax.errors import UserError
 
 

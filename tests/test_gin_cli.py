@@ -8,40 +8,37 @@ import sys
 import numpy as np
 import pytest
 
-from ssr_jax import cli, gin_config
+from ssr_jax import cli
+from ssr_jax.cli import flags as flags_lib
+from ssr_jax.cli import gin_registry
 from ssr_jax.errors import UserError
+import helpers
 from test_trainer import compilation_cache  # noqa: F401  (module fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--gin_file=gin/experiments/tiny_default.gin"
 
 
-def _error_line(capsys, argv):
-    """Runs `ssr-jax ARGV` in-process; returns its single stderr line (asserting rc 2)."""
-    assert cli.main(argv) == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"ssr-jax {argv[0]}: error: ")
-    return lines[0]
+_error_line = helpers.cli_error_line
 
 
 def test_flags_layering_and_search_paths(tmp_path):
     extra = tmp_path / "mine.gin"
     extra.write_text("include 'experiments/tiny_default.gin'\nTRAIN_STEPS = 7\n")
-    flags = gin_config.parse_flags([f"--gin_file={extra.name}", "--gin.BATCH_SIZE=4",
+    flags = flags_lib.parse_flags([f"--gin_file={extra.name}", "--gin.BATCH_SIZE=4",
                                     "--gin_bindings", "SEED = 3",
                                     f"--gin_search_paths={tmp_path}", "--gin.MODEL_DIR='/m'"])
-    gin_config.setup(flags)
+    gin_registry.setup(flags)
     # experiment (300) < later file (7); run mode default (128) < experiment (16) < flag (4).
-    assert gin_config.query_macro("TRAIN_STEPS") == 7
-    assert gin_config.query_macro("BATCH_SIZE") == 4
-    assert gin_config.query_macro("SEED") == 3
-    assert gin_config.query_macro("MODEL_DIR") == "/m"
-    assert gin_config.query_macro("VOCAB_SIZE") == 4224  # experiment overrides the size file
+    assert gin_registry.query_macro("TRAIN_STEPS") == 7
+    assert gin_registry.query_macro("BATCH_SIZE") == 4
+    assert gin_registry.query_macro("SEED") == 3
+    assert gin_registry.query_macro("MODEL_DIR") == "/m"
+    assert gin_registry.query_macro("VOCAB_SIZE") == 4224  # experiment overrides the size file
     with pytest.raises(UserError, match="unknown flag --gin_fil"):
-        gin_config.parse_flags(["--gin_fil=x.gin"])
+        flags_lib.parse_flags(["--gin_fil=x.gin"])
     with pytest.raises(UserError, match=r"gin file 'nope.gin' not found"):
-        gin_config.setup(gin_config.parse_flags(["--gin_file=nope.gin"]))
+        gin_registry.setup(flags_lib.parse_flags(["--gin_file=nope.gin"]))
 
 
 def test_includes_resolve_beside_a_directory_named_like_a_gin_folder(tmp_path, monkeypatch):
@@ -52,15 +49,15 @@ def test_includes_resolve_beside_a_directory_named_like_a_gin_folder(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     importlib.invalidate_caches()
-    gin_config.setup(gin_config.parse_flags(["--gin_file=experiments/tiny_default.gin",
+    gin_registry.setup(flags_lib.parse_flags(["--gin_file=experiments/tiny_default.gin",
                                              "--gin.MODEL_DIR='/m'"]))
-    assert gin_config.query_macro("TRAIN_STEPS") == 300
+    assert gin_registry.query_macro("TRAIN_STEPS") == 300
 
 
 def test_default_vocab_size_matches_the_shipped_vocabulary():
     import tasks  # pylint: disable=import-outside-toplevel
-    gin_config.setup(gin_config.parse_flags([TINY, "--gin.MODEL_DIR='/m'"]))
-    assert gin_config.query_macro("VOCAB_SIZE") == tasks.default_model_vocab_size()
+    gin_registry.setup(flags_lib.parse_flags([TINY, "--gin.MODEL_DIR='/m'"]))
+    assert gin_registry.query_macro("VOCAB_SIZE") == tasks.default_model_vocab_size()
 
 
 @pytest.mark.parametrize("flag,expected", [

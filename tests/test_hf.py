@@ -1,7 +1,6 @@
 """Hugging Face export/import: bit-identical round trips, loading in transformers (weights and
 tokenizer), the CLI commands, safe .bin loading, and one-line errors on bad input."""
 import json
-import math
 import os
 import shutil
 
@@ -12,10 +11,11 @@ import pytest
 from ssr_jax import cli
 from ssr_jax.vocab import get_vocabulary, vocab_record
 from ssr_jax.errors import UserError
-from ssr_jax.hf import cli as hf_cli
+from ssr_jax.cli import hf as hf_cli
 from ssr_jax.hf import export_hf, import_hf
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+import helpers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,13 +32,7 @@ CONFIGS = {
 
 
 def random_params(config: T5Config, seed: int = 0):
-    rng = np.random.RandomState(seed)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-        return (rng.standard_normal(s.shape) / math.sqrt(s.shape[0])).astype(np.float32)
-    return jax.tree.map(draw, EncoderDecoderModel(config).param_shapes())
+    return helpers.random_params(config, seed, norm_noise=0.1)
 
 
 def assert_identical(a, b):
@@ -169,11 +163,7 @@ class _Payload:
     """An object torch.load(weights_only=True) must refuse to unpickle."""
 
 
-def _error_line(capsys, argv):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    return err
+_error_line = helpers.cli_error_line
 
 
 def test_bad_inputs_give_one_clear_line(exported, tmp_path, capsys):

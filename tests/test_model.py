@@ -15,6 +15,7 @@ from ssr_jax.models import losses
 from ssr_jax.models.base import DecodeConfig, LossConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+import helpers
 
 LOGICAL = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
 
@@ -38,15 +39,7 @@ def jitted(config: T5Config, name: str, loss: LossConfig = LossConfig()):
 
 def random_params(config: T5Config, seed: int = 0):
     """Random params of the right shapes with sane scales, without compiling an init."""
-    rng = np.random.RandomState(seed)
-
-    def draw(s):
-        if len(s.shape) == 1:
-            return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-        return (rng.standard_normal(s.shape) / math.sqrt(s.shape[0])).astype(np.float32)
-    params = jax.tree.map(draw, EncoderDecoderModel(config).param_shapes())
-    params["token_embedder"]["embedding"] *= math.sqrt(config.vocab_size)  # std ~1
-    return params
+    return helpers.random_params(config, seed, norm_noise=0.1, embedding_std=1.0)
 
 
 def padded_batch(seed=0, batch=3, enc_len=30, dec_len=25, vocab=64):
@@ -190,7 +183,7 @@ def test_init_shapes_axes_and_scales():
     assert abs(float(jnp.std(k)) * math.sqrt(64) - 1.0) < 0.15
     assert "logits_dense" in params["decoder"]
     tied = EncoderDecoderModel(dataclasses.replace(config, tie_word_embeddings=True))
-    assert "logits_dense" not in tied.param_shapes()["decoder"]
+    assert "logits_dense" not in tied.abstract_params()["decoder"]
 
 
 def test_packed_equals_separate(tiny):
@@ -376,7 +369,7 @@ def test_gin_model_files():
     import os
 
     import gin
-    from ssr_jax.hf.cli import t5config_from_gin
+    from ssr_jax.cli.gin_registry import t5config_from_gin
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin",
                         "models")
     try:

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from ssr_jax.errors import UserError
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
-from ssr_jax.partitioning import Partitioner, logical_to_mesh_spec
+from ssr_jax.partitioning import (Partitioner, bytes_on_device, logical_to_mesh_spec,
+                                  shard_bytes)
 from ssr_jax.train import optimizers, steps
 
 # Golden mesh specs of every T5 1.1 small param (layer index replaced by N), full length.
@@ -78,7 +79,7 @@ def _full(spec, ndim):
 ], ids=["standard", "fsdp"])
 def test_golden_t5_1_1_small_param_specs(mesh_shape, rules, golden):
     model = _small_model()
-    shapes = model.param_shapes()
+    shapes = model.abstract_params()
     part = Partitioner(mesh_shape, rules)
     shardings = part.param_shardings(shapes, model.param_logical_axes())
     flat_sh, flat_shape = _flat(shardings), _flat(shapes)
@@ -93,7 +94,7 @@ def test_golden_t5_1_1_small_param_specs(mesh_shape, rules, golden):
 
 def test_adafactor_state_follows_params_with_factored_dims_dropped():
     model = _small_model()
-    shapes = model.param_shapes()
+    shapes = model.abstract_params()
     part = Partitioner({"fsdp": 4, "model": 2}, "fsdp")
     p_sh = part.param_shardings(shapes, model.param_logical_axes())
     opt = optimizers.adafactor(0.01)
@@ -159,6 +160,20 @@ def test_data_layout_and_global_batch():
     assert {s.data.shape for s in x.addressable_shards} == {(2, 5)}
 
 
+def test_host_rows_and_bytes_per_device():
+    part = Partitioner({"data": 4, "model": 2})
+    rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    x = part.make_global_batch({"x": rows})["x"]
+    np.testing.assert_array_equal(part.host_rows(x), rows)
+    replicated = jax.device_put(rows, part.replicated())
+    np.testing.assert_array_equal(part.host_rows(replicated), rows)
+    # Bytes: a device holds 2 of the 8 rows; the largest device's share of a sharded tree.
+    device = part.mesh.devices.flat[0]
+    assert bytes_on_device({"x": x}, device) == 2 * 3 * 4
+    assert bytes_on_device({"x": replicated}, device) == rows.nbytes
+    assert shard_bytes([x], [x.sharding]) == 2 * 3 * 4
+
+
 # --- same loss and gradients on every mesh -----------------------------------------------------
 TINY = T5Config(vocab_size=128, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=1,
                 num_decoder_layers=1)
@@ -206,7 +221,7 @@ def test_same_loss_and_grads_on_one_device_and_sharded_meshes():
     rng = np.random.RandomState(1)
     params_host = jax.tree.map(
             lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32),
-            model.param_shapes())
+            model.abstract_params())
     batch = _packed_batch(np.random.RandomState(0))
     ref_loss, ref_grads, _ = _loss_and_grads_on(
             Partitioner({"data": 1}, devices=jax.devices()[:1]), model, params_host, batch)

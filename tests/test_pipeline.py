@@ -79,6 +79,28 @@ def test_unpacked_rows_and_passthrough():
     assert batch["decoder_loss_weights"][2].sum() == 0
 
 
+def test_prefetcher_returns_unconsumed_items_in_order_and_raises_the_end():
+    from ssr_jax.data.prefetch import Prefetcher
+    source = iter(range(10))
+    fetch = Prefetcher(lambda: source, depth=2, end_message="no more numbers")
+    assert [fetch.get(), fetch.get()] == [0, 1]
+    kept = fetch.halt()  # whatever was read ahead comes back, nothing is lost
+    assert kept == list(range(2, 2 + len(kept))) and len(kept) >= 1
+    rest = [fetch.get() for _ in range(10 - 2 - len(kept))]
+    assert kept + rest == list(range(2, 10))
+    with pytest.raises(StopIteration, match="no more numbers"):
+        fetch.get()
+
+    def failing():
+        yield 1
+        raise ValueError("broken source")
+    fetch = Prefetcher(failing)
+    assert fetch.get() == 1
+    with pytest.raises(ValueError, match="broken source"):
+        fetch.get()
+    assert fetch.halt() == []
+
+
 def test_too_long_example_is_an_error():
     with pytest.raises(packing.ExampleTooLongError):
         packing.pack_examples([ex(9, 2)], 2, 8, 4)

@@ -1,6 +1,7 @@
 """`ssr-jax plan`: the per-device plan of a tiny sharded train step against the same step
 compiled from real arrays and executed on 8 fake devices; the CLI on gin files (student and
 online-SSR teacher), its re-run with another device count, and its errors."""
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from ssr_jax import plan
+from ssr_jax.cli import plan as plan_cli
 from ssr_jax.data import packing
 from ssr_jax.errors import UserError
 from ssr_jax.models.config import T5Config
@@ -51,7 +53,7 @@ def test_plan_matches_the_compiled_and_executed_step(mesh, rules):
     partitioner = Partitioner(mesh, rules)
     p = plan.plan_train_step(model, optimizer, partitioner, BATCH, LENGTHS)
     assert p.num_devices == 8 and p.num_params == sum(
-            x.size for x in jax.tree.leaves(model.param_shapes()))
+            x.size for x in jax.tree.leaves(model.abstract_params()))
 
     # The real thing: state initialised in its shardings, a real batch, compiled, executed.
     abstract = ts.abstract_state(model, optimizer)
@@ -88,7 +90,7 @@ def test_plan_matches_the_compiled_and_executed_step(mesh, rules):
 
 def test_cli_plans_student_and_online_ssr_teacher(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = plan.main(["--gin_file=gin/experiments/default_student_ssr.gin", *TINY_BINDINGS,
+    rc = plan_cli.main(["--gin_file=gin/experiments/default_student_ssr.gin", *TINY_BINDINGS,
                     "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, "
                     "'targets': 8}", "--gin.SSR_SPAN_CORRUPTION_EXAMPLES=8",
                     "--gin.Partitioner.mesh_shape={'data': 4, 'fsdp': 1, 'model': 2}",
@@ -110,7 +112,7 @@ def test_cli_plans_student_and_online_ssr_teacher(tmp_path, capsys):
     # The tiny teacher (d_model 32, 2+2 layers, vocab 4224) on the model axis of 2.
     teacher_params = EncoderDecoderModel(T5Config(
             vocab_size=4224, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=2,
-            num_decoder_layers=2)).param_shapes()
+            num_decoder_layers=2)).abstract_params()
     assert teacher["num_params"] == sum(x.size for x in jax.tree.leaves(teacher_params))
     assert teacher["params_bytes"] < 4 * teacher["num_params"]
     for p in (student, teacher):
@@ -120,7 +122,7 @@ def test_cli_plans_student_and_online_ssr_teacher(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_reruns_itself_with_another_device_count(tmp_path):
     out = tmp_path / "plan.json"
-    rc = plan.main(["--gin_file=gin/experiments/tiny_default.gin", *TINY_BINDINGS,
+    rc = plan_cli.main(["--gin_file=gin/experiments/tiny_default.gin", *TINY_BINDINGS,
                     "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, "
                     "'targets': 4}", "--gin.Partitioner.mesh_shape={'data': 2, 'model': 2}",
                     f"--json={out}"])
@@ -132,29 +134,31 @@ def test_cli_reruns_itself_with_another_device_count(tmp_path):
 def test_bad_device_flags_are_one_line_errors():
     base = ["--gin_file=gin/experiments/tiny_default.gin"]
     with pytest.raises(UserError, match="--num_devices"):
-        plan.main(base + ["--gin.Partitioner.mesh_shape={'data': -1}"])
+        plan_cli.main(base + ["--gin.Partitioner.mesh_shape={'data': -1}"])
     with pytest.raises(UserError, match="not an integer"):
-        plan.main(base + ["--num_devices=many"])
+        plan_cli.main(base + ["--num_devices=many"])
     with pytest.raises(UserError, match="not divisible"):
-        plan.main(base + ["--num_devices=8", "--gin.BATCH_SIZE=12",
+        plan_cli.main(base + ["--num_devices=8", "--gin.BATCH_SIZE=12",
                           "--gin.Partitioner.mesh_shape={'data': 8}"])
 
 
 def test_xl_xxl_example_gin_parses():
     """The example's bindings resolve (compiling it is the benchmark's job: minutes)."""
     import gin
-    from ssr_jax import gin_config
-    from ssr_jax.ssr import gin_bindings
-    gin_bindings.register()
-    flags = gin_config.parse_flags(["--gin_file=gin/experiments/plan_xl_xxl.gin",
-                                    "--gin.MODEL_DIR='/tmp/unused'"])
-    gin_config.setup(flags)
-    assert plan._mesh_devices({}) == 64  # pylint: disable=protected-access
-    model = plan._evaluate("train.model")  # pylint: disable=protected-access
+    from ssr_jax.cli import flags as flags_lib
+    from ssr_jax.cli import gin_registry
+    from ssr_jax.cli.spec import RunSpec
+    from ssr_jax.ssr import teacher as teacher_lib
+    flags = flags_lib.parse_flags(["--gin_file=gin/experiments/plan_xl_xxl.gin",
+                                   "--gin.MODEL_DIR='/tmp/unused'"])
+    gin_registry.setup(flags)
+    assert plan_cli._mesh_devices({}) == 64  # pylint: disable=protected-access
+    model = gin_registry.query("train.model")
     assert model.config.d_model == 2048 and model.config.dtype == "bfloat16"
-    teacher_cfg, stage = plan._teacher_settings()  # pylint: disable=protected-access
-    teacher = plan._teacher_t5_config(teacher_cfg)  # pylint: disable=protected-access
+    ssr = gin_registry.query("train.ssr")
+    teacher = teacher_lib.teacher_model_config(ssr.teacher)
     assert teacher.d_model == 4096 and teacher.param_dtype == "bfloat16"
-    assert stage.examples_per_row == 1
+    assert ssr.mode == "online" and ssr.config.examples_per_row == 1
+    assert "model" in {f.name for f in dataclasses.fields(RunSpec)}
     gin.clear_config()
 

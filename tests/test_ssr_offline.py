@@ -10,10 +10,12 @@ import pytest
 
 from ssr_jax.errors import UserError
 from ssr_jax.partitioning import Partitioner
-from ssr_jax.ssr import offline, online
+from ssr_jax.data.dataset import DatasetConfig
+from ssr_jax.ssr import offline
+from ssr_jax.ssr import stage as stage_lib
 from ssr_jax.ssr import teacher as tl
 from ssr_jax.ssr.curriculum import SpanCurriculum
-from ssr_jax.train.input_stage import DatasetConfig
+from helpers import host
 from test_teacher import VOCAB
 
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -21,16 +23,13 @@ SC_TASK = "ssr_default_span_corruption"
 
 
 def dataset():
-    return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=4, seed=1, shuffle=False)
+    return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=4, seed=1, shuffle=False,
+                         module="tasks")
 
 
 def config(k=2, curriculum=None):
-    return online.SsrStageConfig(examples_per_row=2, span_corruption_examples=k,
-                                 span_corruption_task=SC_TASK, curriculum=curriculum)
-
-
-def host(batch):
-    return {k: np.asarray(v) for k, v in batch.items()}
+    return stage_lib.SsrStageConfig(examples_per_row=2, span_corruption_examples=k,
+                                    span_corruption_task=SC_TASK, curriculum=curriculum)
 
 
 def read_all(output_dir):
@@ -50,7 +49,7 @@ def test_online_and_offline_give_identical_batches(tmp_path, teacher_dir):
     teacher = tl.TeacherConfig(teacher_dir, seed=5)
     # With a span-length curriculum on the first two steps: the same examples are chosen.
     ssr = config(curriculum=SpanCurriculum(steps=2, start_max_mean_span=2.0))
-    stage = online.online_stage(dataset(), partitioner, 1, teacher, ssr, VOCAB)
+    stage = stage_lib.online_stage(dataset(), partitioner, 1, teacher, ssr, VOCAB)
     online_batches = [host(stage.start_next().result()) for _ in range(3)]
     stage.close()
     out = str(tmp_path / "spans")
@@ -134,10 +133,35 @@ def test_generate_spans_command(tmp_path, capsys, teacher_dir):
             "--gin.BATCH_SIZE=2", "--gin.SSR_SPAN_CORRUPTION_EXAMPLES=0",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
             "--gin.Partitioner.mesh_shape={'data': 2, 'model': 4}",
-            "--gin.generate_spans.chunk_steps=1"]
+            "--gin.ssr_offline.chunk_steps=1"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert len(read_all(out)) == 2 * 4
     assert os.path.isfile(os.path.join(out, "generate_config.gin"))
     assert "generate-spans: done" in capsys.readouterr().out
-    assert cli.main(argv[:-1] + ["--gin.generate_spans.chunk_steps=2"]) == 2
+    assert cli.main(argv[:-1] + ["--gin.ssr_offline.chunk_steps=2"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_one_pass_generation_writes_every_example_of_the_split_once(tmp_path, teacher_dir,
+                                                                    vocabulary):
+    """num_steps=None: one pass; the last, short step is padded for the teacher and only its
+    real examples are written (a count against the split's own size)."""
+    import seqio
+    from ssr_jax.data import factories
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(f"The quick brown fox number {i} jumps over the lazy dog and "
+                              f"runs away into the forest {i} times." for i in range(9)))
+    factories.register_text_task("ssr_one_pass", {"train": str(text)}, vocabulary, "ssr_masked",
+                                 cache_dir=str(tmp_path / "cache"), overwrite=True)
+    cfg = DatasetConfig("ssr_one_pass", LENGTHS, batch_size=4, seed=1, shuffle=False)
+    out = str(tmp_path / "spans")
+    record = offline.generate_spans(
+            teacher=tl.TeacherConfig(teacher_dir), dataset=cfg, output_dir=out,
+            partitioner=Partitioner({"data": 1}, devices=jax.devices()[:1]), ssr=config(k=0),
+            num_steps=None, chunk_steps=2, student_vocab_size=VOCAB)
+    split = list(seqio.get_mixture_or_task("ssr_one_pass").get_dataset(
+            {"inputs": 32, "targets": 8}, split="train", shuffle=False, seed=1,
+            num_epochs=1).as_numpy_iterator())
+    stored = read_all(out)
+    assert record["complete"] and record["examples"] == len(stored) == len(split) > 8
+    assert [t for _, t in stored] == [tuple(ex["targets"]) for ex in split]

@@ -10,10 +10,11 @@ from ssr_jax.data.ssr_preprocessors import teacher_outputs_from_targets
 from ssr_jax.errors import UserError
 from ssr_jax.models.base import DecodeConfig
 from ssr_jax.partitioning import Partitioner
-from ssr_jax.ssr import online
+from ssr_jax.data.dataset import DatasetConfig
+from ssr_jax.ssr import stage as stage_lib
 from ssr_jax.ssr import teacher as tl
 from ssr_jax.ssr.curriculum import SpanCurriculum
-from ssr_jax.train.input_stage import DatasetConfig
+from helpers import host
 from test_teacher import SMALL, VOCAB
 
 LENGTHS = {"inputs": 64, "targets": 16}  # student rows; slots of 32 / 8 with m = 2
@@ -22,17 +23,21 @@ SC_TASK = "ssr_default_span_corruption"
 
 def dataset(batch_size=4, seed=0, shuffle=False):
     return DatasetConfig("ssr_default_ssr_masked", LENGTHS, batch_size=batch_size, seed=seed,
-                         shuffle=shuffle)
+                         shuffle=shuffle, module="tasks")
 
 
 def stage_config(**kw):
     kw.setdefault("span_corruption_examples", 2)
-    return online.SsrStageConfig(examples_per_row=2, span_corruption_task=SC_TASK,
-                                 probe_every=2, **kw)
+    return stage_lib.SsrStageConfig(examples_per_row=2, span_corruption_task=SC_TASK,
+                                    probe_every=2, **kw)
 
 
-def host(batch):
-    return {k: np.asarray(v) for k, v in batch.items()}
+def teacher_stage(plan, partitioner, vocabulary, cfg, config, teacher):
+    """An SSRStage over the plan's pipelines with a (stub) teacher as its source."""
+    pipes = stage_lib.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    source = stage_lib.TeacherRewrite(teacher, partitioner, plan.slot_lengths, vocabulary,
+                                      seed=0, fill_ratio=2.0)
+    return stage_lib.SSRStage(plan, partitioner, pipes, source, config)
 
 
 def segments(batch):
@@ -48,8 +53,9 @@ def segments(batch):
 
 def reference_examples(cfg, config, partitioner, steps):
     """The examples the stage reads, from independent pipelines with the same settings."""
-    plan = online.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner)
-    ssr, sc = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    plan = stage_lib.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner)
+    pipes = stage_lib.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    ssr, sc = pipes["ssr"], pipes.get("span_corruption")
     return [(ssr.next_examples(plan.host_ssr), sc.next_examples(plan.host_sc) if sc else [])
             for _ in range(steps)]
 
@@ -87,7 +93,7 @@ class EchoTeacher:
         x = np.asarray(inputs)
         out = np.zeros((x.shape[0], self.decode.max_decode_length), np.int32)
         for b, row in enumerate(x):
-            got = self.table[online.strip_pad(row).tobytes()]
+            got = self.table[stage_lib.strip_pad(row).tobytes()]
             out[b, :len(got)] = got
         return jnp.asarray(out)
 
@@ -96,10 +102,9 @@ def test_perfect_teacher_restores_the_original_text(vocabulary):
     partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
     cfg, config = dataset(), stage_config()
     refs = reference_examples(cfg, config, partitioner, 3)
-    plan = online.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
-    ssr, sc = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    plan = stage_lib.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
     teacher = EchoTeacher([ex for r, _ in refs for ex in r], 16)
-    stage = online.SSRStage(plan, partitioner, vocabulary, ssr, sc, teacher, config=config)
+    stage = teacher_stage(plan, partitioner, vocabulary, cfg, config, teacher)
     for ref_ssr, ref_sc in refs:
         segs = segments(host(stage.start_next().result()))
         assert len(segs) == len(ref_ssr) + len(ref_sc) == 8  # 2 per row, none left over
@@ -136,10 +141,8 @@ def test_span_curriculum_gives_shorter_spans_first(vocabulary):
     partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
     cfg = dataset()
     config = stage_config(span_corruption_examples=0, curriculum=curriculum)
-    plan = online.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
-    ssr, _ = online.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
-    stage = online.SSRStage(plan, partitioner, vocabulary, ssr, None, EmptyTeacher(16),
-                            config=config)
+    plan = stage_lib.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
+    stage = teacher_stage(plan, partitioner, vocabulary, cfg, config, EmptyTeacher(16))
 
     def mean_spans(batch):
         out = []
@@ -186,7 +189,7 @@ def test_real_sampler_gives_well_formed_examples(teacher_dir, vocabulary):
     partitioner = Partitioner({"data": 2, "model": 4})
     cfg, config = dataset(), stage_config(span_corruption_examples=0)
     refs = reference_examples(cfg, config, partitioner, 2)
-    stage = online.online_stage(cfg, partitioner, 1, tl.TeacherConfig(teacher_dir, seed=3),
+    stage = stage_lib.online_stage(cfg, partitioner, 1, tl.TeacherConfig(teacher_dir, seed=3),
                                 config, VOCAB)
     for ref_ssr, _ in refs:
         segs = segments(host(stage.start_next().result()))
@@ -206,14 +209,14 @@ def test_state_resumes_exactly(teacher_dir, vocabulary):
     cfg, config = dataset(shuffle=True), stage_config(snapshot_every=2,
                                                       span_corruption_examples=0)
     teacher = tl.TeacherConfig(teacher_dir)
-    a = online.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
+    a = stage_lib.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
     batches, states = [], []
     for _ in range(4):
         states.append(a.get_state())
         batches.append(host(a.start_next().result()))
     a.close()
     assert states[3]["ssr"]["skip"] > 0  # replays from a snapshot
-    b = online.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
+    b = stage_lib.online_stage(cfg, partitioner, 1, teacher, config, VOCAB)
     b.set_state(states[3])
     again = host(b.start_next().result())
     for k in batches[3]:
@@ -223,15 +226,15 @@ def test_state_resumes_exactly(teacher_dir, vocabulary):
 
 def test_plan_validation():
     partitioner = Partitioner({"data": 2, "model": 4})
-    plan = online.plan_slots(LENGTHS, 4, stage_config(), partitioner)
+    plan = stage_lib.plan_slots(LENGTHS, 4, stage_config(), partitioner)
     assert plan.slot_lengths == (32, 8) and plan.ssr_examples == 6 and plan.sc_examples == 2
     assert (plan.host_rows, plan.host_ssr, plan.host_sc) == (4, 6, 2)
     with pytest.raises(UserError, match="not divisible"):
-        online.plan_slots({"inputs": 65, "targets": 16}, 4, stage_config(), partitioner)
+        stage_lib.plan_slots({"inputs": 65, "targets": 16}, 4, stage_config(), partitioner)
     with pytest.raises(UserError, match="multiples of the 2 batch shards"):
-        online.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=1), partitioner)
+        stage_lib.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=1), partitioner)
     with pytest.raises(UserError, match="leaves no SSR example"):
-        online.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=8), partitioner)
+        stage_lib.plan_slots(LENGTHS, 4, stage_config(span_corruption_examples=8), partitioner)
 
 
 def test_online_ssr_trains_with_teacher_sharded_over_model4(tmp_path, teacher_dir, vocabulary):
@@ -245,7 +248,7 @@ def test_online_ssr_trains_with_teacher_sharded_over_model4(tmp_path, teacher_di
     stages = []
 
     def factory(cfg, part, num_microbatches):
-        stages.append(online.online_stage(cfg, part, num_microbatches, teacher, config, VOCAB))
+        stages.append(stage_lib.online_stage(cfg, part, num_microbatches, teacher, config, VOCAB))
         return stages[-1]
 
     result = trainer.train(
@@ -256,6 +259,6 @@ def test_online_ssr_trains_with_teacher_sharded_over_model4(tmp_path, teacher_di
     losses = [m["loss"] for m in result.train_metrics]
     assert losses[-1] < losses[0] - 1.0, losses
     # The teacher's params are split over 'model' on the student's mesh.
-    params = stages[0].teacher.params
+    params = stages[0].source.teacher.params
     assert any("model" in str(x.sharding.spec) for x in jax.tree.leaves(params))
-    assert stages[0].teacher.partitioner is partitioner
+    assert stages[0].source.teacher.partitioner is partitioner

@@ -155,7 +155,8 @@ def test_rewrite_design_example(vocab):
                                               "over the <extra_id_1> sleepy <extra_id_2> dog")
     assert rows[0][-1] == EOS
     assert (stats.spans, stats.valid_fills, stats.fallbacks, stats.exact_copies) == (2, 2, 0, 0)
-    assert stats.original_lengths == [len(p[" quick brown"]), len(p[" lazy"])]
+    assert stats.original_spans == 2
+    assert stats.original_tokens == len(p[" quick brown"]) + len(p[" lazy"])
     spaced = re.sub(r"\s*(<extra_id_\d+>)\s*", r" \1 ", vocab.decode(target[:-1])).split()
     assert spaced == "quick brown <extra_id_1> lazy <extra_id_2>".split()
 
@@ -209,7 +210,7 @@ def test_rewrite_pads_and_counts_copies():
     assert padded.shape == (2, 24) and padded.dtype == np.int32
     assert padded[0].tolist()[:len(student([30], [31, 99], [33]))] == student([30], [31, 99],
                                                                               [33])
-    assert stats.exact_copies == 4 and stats.original_lengths == [1, 2, 1] * 2
+    assert stats.exact_copies == 4 and (stats.original_spans, stats.original_tokens) == (6, 8)
     assert stats.summary()["ssr/valid_fill_rate"] == 1.0
 
 

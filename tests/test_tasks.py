@@ -97,7 +97,8 @@ def test_text_file_task_gives_training_batches(tasks_module, tmp_path, cache_dir
     valid = write(tmp_path / "valid.txt", "\n\n".join(lines[:5]).encode())
     for objective in ("span_corruption", "ssr_masked"):
         factories.register_text_task(f"user_{objective}", {"train": train, "validation": valid},
-                                     objective, cache_dir=cache_dir, overwrite=True)
+                                     tasks_module.default_vocabulary(), objective,
+                                     cache_dir=cache_dir, overwrite=True)
         pipe = pipeline(f"user_{objective}")
         batch = next(pipe)
         assert batch["encoder_input_tokens"].shape == (4, 64)
@@ -110,7 +111,9 @@ def test_text_file_task_gives_training_batches(tasks_module, tmp_path, cache_dir
         assert "<extra_id_0>" in text and ("sorted" in text or "iterable" in text
                                            or "Document" in text)
     # Paragraph mode: blank-line separated documents.
-    factories.register_text_task("user_paragraphs", {"train": valid}, paragraphs=True,
+    factories.register_text_task("user_paragraphs", {"train": valid},
+                                 tasks_module.default_vocabulary(),
+                                 paragraphs=True,
                                  cache_dir=cache_dir, overwrite=True)
     source = seqio.get_mixture_or_task("user_paragraphs").source
     docs = [d["text"].decode() for d in source.get_dataset("train", shuffle=False)
@@ -124,6 +127,7 @@ def test_empty_and_undecodable_files(tasks_module, tmp_path, cache_dir, caplog):
     good = write(tmp_path / "good.txt", f"{TEXT}\nsecond line is fine\n".encode())
     bad = write(tmp_path / "bad.txt", b"first line ok\n\xff\xfe broken bytes\nthird ok\n")
     factories.register_text_task("bad_text", {"train": [empty, good, bad]},
+                                 tasks_module.default_vocabulary(),
                                  cache_dir=cache_dir, overwrite=True)
     with caplog.at_level(logging.WARNING):
         source = seqio.get_mixture_or_task("bad_text").source
@@ -139,17 +143,21 @@ def test_empty_and_undecodable_files(tasks_module, tmp_path, cache_dir, caplog):
     with open(os.path.join(cache_dir, report[0])) as f:
         assert json.load(f)["bad"] == [f"{bad}:2: not UTF-8 (invalid start byte at byte 0)"]
     # strict: the first bad line is an error naming file and line.
-    factories.register_text_task("bad_text_strict", {"train": bad}, strict=True,
+    factories.register_text_task("bad_text_strict", {"train": bad},
+                                 tasks_module.default_vocabulary(),
+                                 strict=True,
                                  cache_dir=str(tmp_path / "strict"), overwrite=True)
     with pytest.raises(UserError, match=r"bad\.txt:2"):
         seqio.get_mixture_or_task("bad_text_strict").source.num_input_examples("train")
     # Nothing usable at all: an error, not an empty stream.
-    factories.register_text_task("only_empty", {"train": empty}, cache_dir=cache_dir,
+    factories.register_text_task("only_empty", {"train": empty}, tasks_module.default_vocabulary(),
+                                 cache_dir=cache_dir,
                                  overwrite=True)
     with pytest.raises(UserError, match="no usable example"):
         seqio.get_mixture_or_task("only_empty").source.get_dataset("train")
     with pytest.raises(UserError, match="no file matches"):
         factories.register_text_task("missing", {"train": str(tmp_path / "nope*.txt")},
+                                     tasks_module.default_vocabulary(),
                                      cache_dir=cache_dir, overwrite=True)
         seqio.get_mixture_or_task("missing").source.get_dataset("train")
 
@@ -161,7 +169,8 @@ def test_document_longer_than_any_length_is_split_not_cut(tasks_module, tmp_path
     tokens = vocab.encode(long_doc)
     assert len(tokens) > 10 * LENGTHS["inputs"]
     path = write(tmp_path / "long.txt", long_doc.encode())
-    factories.register_text_task("long_doc", {"train": path}, cache_dir=cache_dir,
+    factories.register_text_task("long_doc", {"train": path}, tasks_module.default_vocabulary(),
+                                 cache_dir=cache_dir,
                                  overwrite=True)
     examples = all_examples("long_doc")
     assert len(examples) > 10
@@ -189,6 +198,7 @@ def test_jsonl_task_reports_bad_lines_and_trains(tasks_module, tmp_path, cache_d
     rows.insert(7, json.dumps({"document": "x", "summary": 5}))
     path = write(tmp_path / "data.jsonl", "\n".join(rows).encode())
     factories.register_jsonl_task("user_summaries", {"train": path, "validation": path},
+                                  tasks_module.default_vocabulary(),
                                   inputs_field="document", targets_field="summary",
                                   prefix="summarize: ", metric_fns=[metrics.rouge],
                                   cache_dir=cache_dir, overwrite=True)
@@ -211,7 +221,8 @@ def test_jsonl_task_reports_bad_lines_and_trains(tasks_module, tmp_path, cache_d
         scores.update(fn(["sorting 0", "sorting 1"], ["sorting 0", "a list"]))
     assert scores["rouge1"] == pytest.approx(50.0)
     with pytest.raises(UserError, match="not both"):
-        factories.register_jsonl_task("x", {"train": path}, text_field="document",
+        factories.register_jsonl_task("x", {"train": path}, tasks_module.default_vocabulary(),
+                                      text_field="document",
                                       inputs_field="document", targets_field="summary")
 
 
@@ -228,7 +239,9 @@ def test_tfrecord_task_skips_records_without_the_feature(tasks_module, tmp_path,
         w.write(example(text=TEXT))
         w.write(example(other="no text"))
         w.write(example(text="a second document"))
-    factories.register_tfrecord_task("user_tfrecord", {"train": path}, text_field="text",
+    factories.register_tfrecord_task("user_tfrecord", {"train": path},
+                                     tasks_module.default_vocabulary(),
+                                     text_field="text",
                                      overwrite=True)
     with caplog.at_level(logging.WARNING):
         source = seqio.get_mixture_or_task("user_tfrecord").source

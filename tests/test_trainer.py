@@ -17,7 +17,7 @@ from ssr_jax.models.base import BaseModel
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.train import optimizers, steps, trainer
 from ssr_jax.train import train_state as ts
-from ssr_jax.train.input_stage import DatasetConfig
+from ssr_jax.data.dataset import DatasetConfig
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):

@@ -1,12 +1,14 @@
 """Data layer: where SSR is defined.
 
+  dataset            DatasetConfig, task-module import, per-host pipelines, eval/infer batches
+  prefetch           host read-ahead shared by the input stages
   span_corruption    T5's span corruption (noise mask, sentinels, raw-length arithmetic)
   ssr_preprocessors  SSR mask (SeqIO preprocessor) and rewrite (numpy, online + offline)
   packing            the one packer: examples -> the trainer's encoder-decoder batch
   pipeline           InputPipeline: a SeqIO task/mixture -> per-host packed numpy batches
   corpus             the embedded default corpus (TFDS builder over Python's own docs)
   user_files         validated sources over the user's text / JSONL / TFRecord files
-  factories          register SeqIO tasks for an objective over TFDS data or user files
+  factories          register SeqIO tasks for an objective (explicit vocabulary)
   metrics            ROUGE / BLEU / exact match as seqio metric functions
 Import submodules directly; this package imports nothing heavy.
 """

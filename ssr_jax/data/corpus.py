@@ -24,7 +24,6 @@ The shipped vocabulary tasks/assets/default_spm.model was made from the train sp
     python -m ssr_jax.cli build-vocab --input /tmp/ssr_default_train.txt \
         --model_prefix tasks/assets/default_spm --vocab_size 4000
 """
-import argparse
 import ast
 import contextlib
 import fcntl
@@ -230,25 +229,3 @@ class EmbeddedCorpusSource(seqio.TfdsDataSource):
     def list_shards(self, split: str):
         self._ensure()
         return super().list_shards(split)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Build or dump the embedded default corpus.")
-    parser.add_argument("--write_text", help="write the train split here, one paragraph per "
-                        "line (input for `ssr-jax build-vocab`)")
-    parser.add_argument("--data_dir", default=None, help="build the TFDS dataset here")
-    args = parser.parse_args(argv)
-    if args.write_text:
-        docs = corpus_documents()
-        with open(args.write_text, "w", encoding="utf-8") as f:
-            for doc in docs["train"]:
-                f.write(doc["text"] + "\n")
-        print(f"wrote {len(docs['train'])} train documents to {args.write_text} "
-              f"({len(docs['validation'])} held out for validation)")
-    else:
-        print(f"built {TFDS_NAME} in {ensure_built(args.data_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,10 +8,13 @@ Objectives:
                      prefix such as 'summarize: '; inputs longer than the inputs length are
                      truncated keeping their EOS (T5's convention).
 
+Every factory takes the task's vocabulary explicitly (the library ships no task module).
 Example (a user's text file, one document per line):
+    from ssr_jax import vocab
     from ssr_jax.data import factories
     factories.register_text_task("my_ssr", {"train": "/data/train.txt",
                                             "validation": "/data/valid.txt"},
+                                 vocab.get_vocabulary("/data/spm.model"),
                                  objective="ssr_masked")
 Put such calls in a module and pass it with --gin.MIXTURE_OR_TASK_MODULE="'my_tasks'".
 """
@@ -29,11 +32,6 @@ from ssr_jax.errors import UserError
 OBJECTIVES = ("span_corruption", "ssr_masked", "seq2seq")
 DEFAULT_SHUFFLE_BUFFER = 1000  # seqio's default, as T5
 Patterns = Union[str, Sequence[str]]
-
-
-def _default_vocabulary():
-    import tasks  # the shipped vocabulary lives next to the task registrations
-    return tasks.default_vocabulary()
 
 
 def output_features(vocabulary: seqio.Vocabulary, objective: str) -> Mapping[str, seqio.Feature]:
@@ -83,28 +81,32 @@ def objective_preprocessors(objective: str, text_key: str = "text",
     return steps + [seqio.preprocessors.append_eos_after_trim]
 
 
-def register_task(name: str, source: seqio.DataSource, objective: str,
-                  vocabulary: Optional[seqio.Vocabulary] = None, *, text_key: str = "text",
-                  ssr_config: Optional[ssr.SsrMaskConfig] = None, prefix: str = "",
-                  metric_fns: Sequence[Callable] = (),
-                  shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
-                  overwrite: bool = False) -> seqio.Task:
-    """Registers `name` (replacing an existing one only when overwrite) and returns it."""
-    vocabulary = vocabulary or _default_vocabulary()
+def add_task(name: str, overwrite: bool = False, **task_kwargs) -> seqio.Task:
+    """seqio.TaskRegistry.add, refusing to replace a registered task unless overwrite."""
     if name in seqio.TaskRegistry.names():
         if not overwrite:
             raise UserError(f"task {name!r} is already registered; pick another name or "
                             "pass overwrite=True.")
         seqio.TaskRegistry.remove(name)
-    return seqio.TaskRegistry.add(
-        name, source=source, output_features=output_features(vocabulary, objective),
+    return seqio.TaskRegistry.add(name, **task_kwargs)
+
+
+def register_task(name: str, source: seqio.DataSource, objective: str,
+                  vocabulary: seqio.Vocabulary, *, text_key: str = "text",
+                  ssr_config: Optional[ssr.SsrMaskConfig] = None, prefix: str = "",
+                  metric_fns: Sequence[Callable] = (),
+                  shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
+                  overwrite: bool = False) -> seqio.Task:
+    """Registers `name` (replacing an existing one only when overwrite) and returns it."""
+    return add_task(
+        name, overwrite, source=source, output_features=output_features(vocabulary, objective),
         preprocessors=objective_preprocessors(objective, text_key, ssr_config, prefix=prefix),
         metric_fns=list(metric_fns), shuffle_buffer_size=shuffle_buffer_size)
 
 
 def register_text_task(name: str, split_files: Mapping[str, Patterns],
-                       objective: str = "span_corruption", *, paragraphs: bool = False,
-                       vocabulary: Optional[seqio.Vocabulary] = None,
+                       vocabulary: seqio.Vocabulary, objective: str = "span_corruption", *,
+                       paragraphs: bool = False,
                        ssr_config: Optional[ssr.SsrMaskConfig] = None,
                        cache_dir: Optional[str] = None, strict: bool = False,
                        overwrite: bool = False) -> seqio.Task:
@@ -128,12 +130,12 @@ def _fields(text_field, inputs_field, targets_field, what):
     raise UserError(f"{what}: give text_field, or both inputs_field and targets_field.")
 
 
-def register_jsonl_task(name: str, split_files: Mapping[str, Patterns], *,
+def register_jsonl_task(name: str, split_files: Mapping[str, Patterns],
+                        vocabulary: seqio.Vocabulary, *,
                         text_field: Optional[str] = None, inputs_field: Optional[str] = None,
                         targets_field: Optional[str] = None,
                         objective: Optional[str] = None, prefix: str = "",
                         metric_fns: Sequence[Callable] = (),
-                        vocabulary: Optional[seqio.Vocabulary] = None,
                         ssr_config: Optional[ssr.SsrMaskConfig] = None,
                         cache_dir: Optional[str] = None, strict: bool = False,
                         overwrite: bool = False) -> seqio.Task:
@@ -149,13 +151,13 @@ def register_jsonl_task(name: str, split_files: Mapping[str, Patterns], *,
                          prefix=prefix, metric_fns=metric_fns, overwrite=overwrite)
 
 
-def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns], *,
+def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns],
+                           vocabulary: seqio.Vocabulary, *,
                            text_field: Optional[str] = None,
                            inputs_field: Optional[str] = None,
                            targets_field: Optional[str] = None,
                            objective: Optional[str] = None, prefix: str = "",
                            metric_fns: Sequence[Callable] = (),
-                           vocabulary: Optional[seqio.Vocabulary] = None,
                            ssr_config: Optional[ssr.SsrMaskConfig] = None,
                            strict: bool = False, overwrite: bool = False) -> seqio.Task:
     """A task over TFRecord files of tf.train.Example with bytes features (field names)."""
@@ -189,14 +191,10 @@ def register_tfds_seq2seq_task(name: str, tfds_name: str, inputs_key: str, targe
     """A fine-tuning task over a TFDS dataset's (inputs_key, targets_key) text features."""
     source = source or seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
                                             splits=splits or ("train", "validation"))
-    if name in seqio.TaskRegistry.names():
-        if not overwrite:
-            raise UserError(f"task {name!r} is already registered.")
-        seqio.TaskRegistry.remove(name)
     steps = [functools.partial(seqio.preprocessors.rekey,
                                key_map={"inputs": inputs_key, "targets": targets_key})]
     steps += objective_preprocessors("seq2seq", prefix=prefix)
-    return seqio.TaskRegistry.add(
-        name, source=source, output_features=output_features(vocabulary, "seq2seq"),
+    return add_task(
+        name, overwrite, source=source, output_features=output_features(vocabulary, "seq2seq"),
         preprocessors=steps, metric_fns=list(metric_fns),
         shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER)

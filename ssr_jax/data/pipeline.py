@@ -21,7 +21,7 @@ come next.
 import base64
 import os
 import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import seqio
@@ -45,18 +45,6 @@ def hide_accelerators_from_tf():
 
 
 hide_accelerators_from_tf()
-
-
-def import_task_module(module: Optional[str]):
-    """Imports the module that registers tasks (e.g. 'tasks'), with a clear error."""
-    if not module:
-        return
-    import importlib
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"cannot import task module {module!r} ({e}); check "
-                        "MIXTURE_OR_TASK_MODULE and PYTHONPATH.") from e
 
 
 class InputPipeline:

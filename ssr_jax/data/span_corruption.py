@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 import seqio
 import tensorflow as tf
 
+from ssr_jax import vocab as vocab_lib
 from ssr_jax.errors import UserError
 
 NOISE_DENSITY = 0.15
@@ -107,11 +108,6 @@ def random_spans_noise_mask(length: tf.Tensor, seeds: Sequence[tf.Tensor],
     return is_noise[:orig_length]
 
 
-def sentinel_ids(vocab_size: int, index: tf.Tensor) -> tf.Tensor:
-    """`<extra_id_index>`: the top id of the vocabulary is `<extra_id_0>`."""
-    return vocab_size - 1 - index
-
-
 def replace_spans_with_sentinels(tokens: tf.Tensor, span_mask: tf.Tensor,
                                  vocab_size: int) -> tf.Tensor:
     """Each maximal run of True in span_mask becomes one sentinel, numbered 0, 1, ..."""
@@ -119,7 +115,8 @@ def replace_spans_with_sentinels(tokens: tf.Tensor, span_mask: tf.Tensor,
     first = tf.logical_and(span_mask, tf.logical_not(prev))
     rest = tf.logical_and(span_mask, prev)
     index = tf.cumsum(tf.cast(first, tokens.dtype)) - 1
-    tokens = tf.where(first, tf.cast(sentinel_ids(vocab_size, index), tokens.dtype), tokens)
+    sentinels = tf.cast(vocab_lib.sentinel(vocab_size, index), tokens.dtype)
+    tokens = tf.where(first, sentinels, tokens)
     return tf.boolean_mask(tokens, tf.logical_not(rest))
 
 

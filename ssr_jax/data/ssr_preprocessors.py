@@ -41,6 +41,7 @@ import seqio
 import tensorflow as tf
 
 from ssr_jax.data import span_corruption as sc
+from ssr_jax import vocab as vocab_lib
 from ssr_jax.errors import UserError
 
 
@@ -187,9 +188,9 @@ def apply_span_ids(tokens: tf.Tensor, span_ids: tf.Tensor, vocab_size: int
     last = tf.logical_and(is_span, tf.not_equal(nxt, span_ids))
     tokens = tf.cast(tokens, tf.int32)
     k = span_ids - 1
-    teacher = tf.boolean_mask(tf.where(first, vocab_size - 1 - k, tokens),
+    teacher = tf.boolean_mask(tf.where(first, vocab_lib.sentinel(vocab_size, k), tokens),
                               tf.logical_or(tf.logical_not(is_span), first))
-    pairs = tf.reshape(tf.stack([tokens, vocab_size - 1 - (k + 1)], axis=1), [-1])
+    pairs = tf.reshape(tf.stack([tokens, vocab_lib.sentinel(vocab_size, k + 1)], axis=1), [-1])
     keep = tf.reshape(tf.stack([is_span, last], axis=1), [-1])
     return {"inputs": teacher, "targets": tf.boolean_mask(pairs, keep),
             "num_spans": tf.maximum(tf.reduce_max(tf.pad(span_ids, [[0, 1]])), 0),
@@ -235,6 +236,28 @@ def ssr_mask(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     return dataset.filter(lambda x: x["num_spans"] > 0)
 
 
+def task_mask_config(task) -> SsrMaskConfig:
+    """The SsrMaskConfig an SSR-masked SeqIO task (or every task of a mixture) masks with.
+
+    Its fill_ratio is the one length budget of SSR: the mask sizes raw segments for it and
+    the teacher decodes up to it, so the teacher reads it from here rather than holding a
+    second copy that could disagree."""
+    tasks = list(getattr(task, "tasks", None) or [task])
+    found = set()
+    for t in tasks:
+        for step in getattr(t, "preprocessors", ()):
+            if getattr(step, "func", None) is ssr_mask:
+                found.add(step.keywords.get("config", SsrMaskConfig()))
+    if not found:
+        raise UserError(f"task {task.name!r} has no SSR mask (ssr_mask preprocessor); the "
+                        "online SSR teacher needs an SSR-masked task such as "
+                        "'ssr_default_ssr_masked' (objective 'ssr_masked').")
+    if len(found) > 1:
+        raise UserError(f"the tasks of mixture {task.name!r} mask with different "
+                        f"SsrMaskConfigs {sorted(map(str, found))}; use one.")
+    return found.pop()
+
+
 def scalar_feature() -> seqio.Feature:
     """Output feature spec for the int32 scalars 'num_spans' and 'masked_length'."""
     return seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, required=False,
@@ -245,7 +268,8 @@ def scalar_feature() -> seqio.Feature:
 
 @dataclasses.dataclass
 class RewriteStats:
-    """Counts over a batch. fill/original lengths are per span, in batch order."""
+    """Counts (and token totals) of rewritten spans; `merge` adds two, so the same type
+    serves one batch, a logging window, a whole run and generate-spans' progress files."""
 
     spans: int = 0  # spans in the teacher inputs
     valid_fills: int = 0  # spans whose teacher fill was well-formed (incl. truncated)
@@ -253,26 +277,32 @@ class RewriteStats:
     truncated: int = 0  # valid fills dropped because the student input would not fit
     exact_copies: int = 0  # used fills identical to the original span (needs targets)
     overlong_inputs: int = 0  # rows still too long with empty fills (cut, EOS kept)
-    fill_lengths: List[int] = dataclasses.field(default_factory=list)  # used fills
-    original_lengths: List[int] = dataclasses.field(default_factory=list)  # needs targets
+    fill_tokens: int = 0  # tokens of the fills used (valid_fills - truncated of them)
+    original_spans: int = 0  # original spans read from the targets (needs targets)
+    original_tokens: int = 0  # their tokens
 
     def merge(self, other: "RewriteStats") -> "RewriteStats":
-        out = RewriteStats()
-        for f in dataclasses.fields(self):
-            setattr(out, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return out
+        return RewriteStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                               for f in dataclasses.fields(self)})
+
+    def to_json(self) -> dict:
+        return {k: int(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: Optional[Mapping[str, int]]) -> "RewriteStats":
+        return cls(**{k: int(v) for k, v in (d or {}).items()})
 
     def summary(self) -> Mapping[str, float]:
         """Scalars for logging."""
         spans = max(self.spans, 1)
+        used = self.valid_fills - self.truncated
         return {"ssr/spans": self.spans, "ssr/valid_fill_rate": self.valid_fills / spans,
                 "ssr/fallback_rate": self.fallbacks / spans,
                 "ssr/truncated_rate": self.truncated / spans,
                 "ssr/exact_copy_rate": self.exact_copies / max(self.valid_fills, 1),
-                "ssr/mean_fill_length": float(np.mean(self.fill_lengths))
-                if self.fill_lengths else 0.0,
-                "ssr/mean_original_length": float(np.mean(self.original_lengths))
-                if self.original_lengths else 0.0,
+                "ssr/mean_fill_length": self.fill_tokens / used if used else 0.0,
+                "ssr/mean_original_length": (self.original_tokens / self.original_spans
+                                             if self.original_spans else 0.0),
                 "ssr/overlong_inputs": self.overlong_inputs}
 
 
@@ -290,7 +320,7 @@ def _sentinel_positions(x: np.ndarray, lengths: np.ndarray, vocab_size: int,
                         num_extra_ids: int) -> List[list]:
     """Per row, the positions (< its length) of sentinel tokens, vectorised over the batch."""
     in_row = np.arange(x.shape[1])[None, :] < lengths[:, None]
-    rows, cols = np.nonzero((x >= vocab_size - num_extra_ids) & (x < vocab_size) & in_row)
+    rows, cols = np.nonzero(vocab_lib.is_sentinel(x, vocab_size, num_extra_ids) & in_row)
     counts = np.bincount(rows, minlength=x.shape[0])
     cols = cols.tolist()
     out, start = [], 0
@@ -302,10 +332,10 @@ def _sentinel_positions(x: np.ndarray, lengths: np.ndarray, vocab_size: int,
 
 def split_targets(target: Sequence[int], vocab_size: int, num_extra_ids: int) -> List[list]:
     """Original spans from a student target `orig_0 <x_1> orig_1 ... <x_n>` (no pad/EOS)."""
-    lo = vocab_size - num_extra_ids
+    lo, hi = vocab_lib.sentinel_range(vocab_size, num_extra_ids)
     spans, cur = [], []
     for tok in target:
-        if lo <= tok < vocab_size:
+        if lo <= tok < hi:
             spans.append(cur)
             cur = []
         else:
@@ -320,12 +350,12 @@ def parse_teacher_output(output: Sequence[int], vocab_size: int, num_extra_ids: 
     output: tokens up to (excluding) EOS/pad; positions: its sentinel positions if known.
     """
     if positions is None:
-        lo = vocab_size - num_extra_ids
-        positions = [i for i, tok in enumerate(output) if lo <= tok < vocab_size]
+        lo, hi = vocab_lib.sentinel_range(vocab_size, num_extra_ids)
+        positions = [i for i, tok in enumerate(output) if lo <= tok < hi]
     fills = {}
     for a, b in zip(positions, positions[1:]):
-        k = vocab_size - 1 - output[a]
-        if vocab_size - 1 - output[b] == k + 1 and k not in fills:
+        k = vocab_lib.sentinel_index(vocab_size, output[a])
+        if vocab_lib.sentinel_index(vocab_size, output[b]) == k + 1 and k not in fills:
             fills[k] = list(output[a + 1:b])
     return fills
 
@@ -378,8 +408,9 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
         origs = None
         if targets is not None:
             origs = split_targets(tgt_all[b][:tgt_len[b]], vocab_size, num_extra_ids)
-            stats.original_lengths.extend(len(o) for o in origs)
-        ks = [vocab_size - 1 - tin[p] for p in sent_pos]
+            stats.original_spans += len(origs)
+            stats.original_tokens += sum(len(o) for o in origs)
+        ks = [vocab_lib.sentinel_index(vocab_size, tin[p]) for p in sent_pos]
         used = [fills.get(k) for k in ks]
         stats.spans += len(ks)
         valid = sum(u is not None for u in used)
@@ -401,10 +432,10 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
             out.append(tin[p])
             if used[i] is not None:
                 out.extend(used[i])
-                stats.fill_lengths.append(len(used[i]))
+                stats.fill_tokens += len(used[i])
                 if origs is not None and k < len(origs) and used[i] == origs[k]:
                     stats.exact_copies += 1
-            out.append(vocab_size - 1 - (k + 1))
+            out.append(vocab_lib.sentinel(vocab_size, k + 1))
             prev = p + 1
         out.extend(tin[prev:])
         out.append(eos_id)
@@ -432,7 +463,7 @@ def teacher_outputs_from_targets(targets: np.ndarray, vocab_size: int, eos_id: i
     """
     targets = np.asarray(targets)
     out = np.zeros((targets.shape[0], targets.shape[1] + 1), np.int32)
-    out[:, 0] = vocab_size - 1
+    out[:, 0] = vocab_lib.sentinel(vocab_size, 0)
     body = np.where(targets == eos_id, 0, targets)
     out[:, 1:] = body
     return out

@@ -1,6 +1,7 @@
 """The narrow contract between the trainer and a model.
 
-The trainer, the partitioner and the SSR teacher see a model only through this interface.
+The trainer, the partitioner, the SSR teacher, `ssr-jax plan`, checkpoints and the HF
+exporter see a model only through this interface.
 Params are a plain nested dict of arrays (a pytree); their logical axis names come from
 `param_logical_axes()`, a pytree of the same structure whose leaves are
 `jax.sharding.PartitionSpec`s of *logical* names ('vocab', 'embed', 'mlp', 'heads', 'kv',
@@ -13,7 +14,7 @@ Batches are dicts of int32 arrays [batch, length] in T5X's encoder-decoder layou
 """
 import abc
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 
@@ -52,6 +53,36 @@ class BaseModel(abc.ABC):
     @abc.abstractmethod
     def param_logical_axes(self) -> Params:
         """PartitionSpec of logical axis names for every param leaf (same tree as init)."""
+
+    def abstract_params(self) -> Params:
+        """jax.ShapeDtypeStruct per param (same tree as init), without allocating any."""
+        return jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0)))
+
+    def config_dict(self) -> Optional[Dict[str, Any]]:
+        """The model's configuration as JSON-able data (a checkpoint's model_config.json),
+        or None when it has none; `from_config_dict` reads it back."""
+        return None
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping[str, Any], source: str = "model config"
+                         ) -> "BaseModel":
+        """The model described by `config_dict()`; bad fields are a UserError naming
+        `source`."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from {source}")
+
+    def replace_config(self, **changes) -> "BaseModel":
+        """The same kind of model with some config fields changed (e.g. fewer layers)."""
+        return type(self).from_config_dict({**(self.config_dict() or {}), **changes})
+
+    def train_flops(self, batch_size: int, inputs_length: int, targets_length: int) -> float:
+        """Matmul FLOPs of one training step (forward + backward) on a batch of this static
+        shape, padded positions included; NaN when unknown (then no MFU is reported)."""
+        return float("nan")
+
+    def generate_flops(self, batch_size: int, inputs_length: int,
+                       decode_length: int) -> float:
+        """Matmul FLOPs of decoding `decode_length` tokens for a batch; NaN when unknown."""
+        return float("nan")
 
     @abc.abstractmethod
     def loss_fn(self, params: Params, batch: Batch,

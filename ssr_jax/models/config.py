@@ -1,5 +1,8 @@
 """T5 model configuration as plain data (gin binds it at the edges, never inside layers)."""
 import dataclasses
+from typing import Any, Mapping
+
+from ssr_jax.errors import UserError
 
 ACTIVATIONS = ("relu", "gated-gelu", "gated-relu", "gelu")
 
@@ -47,3 +50,20 @@ class T5Config:
 
     def replace(self, **kwargs) -> "T5Config":
         return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model config") -> "T5Config":
+        """A T5Config from `to_dict()` output; unknown or bad fields name `source`."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"{source}: expected an object of T5Config fields, got "
+                            f"{type(d).__name__}.")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"{source}: unknown T5Config field(s) {', '.join(unknown)}.")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: {e}") from e

@@ -5,14 +5,14 @@ model keeps the NNX graph definition and an abstract state template and re-assem
 module inside each (traced) function, so only arrays cross jit boundaries.
 """
 import functools
-from typing import Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from ssr_jax.models import decoding, losses
+from ssr_jax.models import decoding, flops, losses
 from ssr_jax.models.base import Batch, BaseModel, DecodeConfig, LossConfig, Params
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.t5 import T5Transformer
@@ -58,9 +58,26 @@ class EncoderDecoderModel(BaseModel):
             return PartitionSpec(*names)
         return jax.tree.map(spec, self._template, is_leaf=_is_var).to_pure_dict()
 
-    def param_shapes(self) -> Params:
-        """jax.ShapeDtypeStruct per param (for abstract init / checkpoint restore)."""
+    def abstract_params(self) -> Params:
         return self._template.to_pure_dict()
+
+    def config_dict(self) -> Dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping[str, Any], source: str = "model config",
+                         loss: LossConfig = LossConfig()) -> "EncoderDecoderModel":
+        return cls(T5Config.from_dict(config, source), loss)
+
+    def replace_config(self, **changes) -> "EncoderDecoderModel":
+        return EncoderDecoderModel(self.config.replace(**changes), self.loss)
+
+    def train_flops(self, batch_size: int, inputs_length: int, targets_length: int) -> float:
+        return flops.t5_train_flops(self.config, batch_size, inputs_length, targets_length)
+
+    def generate_flops(self, batch_size: int, inputs_length: int,
+                       decode_length: int) -> float:
+        return flops.t5_generate_flops(self.config, batch_size, inputs_length, decode_length)
 
     def module(self, params: Params) -> T5Transformer:
         """The NNX module holding `params` (call inside traced functions)."""

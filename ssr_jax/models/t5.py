@@ -120,17 +120,24 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
+def _build_stack(stack: nnx.Module, c: T5Config, rngs: nnx.Rngs, layer_cls, num_layers: int,
+                 bidirectional: bool, norm_name: str):
+    """One relative position bias table (shared by the stack's layers), the layers, the final
+    norm; created in this order (it fixes the init's key sequence)."""
+    stack.config = c
+    stack.relpos_bias = RelativePositionBias(c.num_heads, c.relative_attention_num_buckets,
+                                             c.relative_attention_max_distance, bidirectional,
+                                             jnp.dtype(c.param_dtype), rngs)
+    for i in range(num_layers):
+        setattr(stack, f"layers_{i}", layer_cls(c, rngs))
+    setattr(stack, norm_name, RMSNorm(c.d_model, c.layer_norm_epsilon, jnp.dtype(c.dtype),
+                                      jnp.dtype(c.param_dtype), rngs))
+
+
 class Encoder(nnx.Module):
     def __init__(self, config: T5Config, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        self.relpos_bias = RelativePositionBias(c.num_heads, c.relative_attention_num_buckets,
-                                                c.relative_attention_max_distance, True,
-                                                jnp.dtype(c.param_dtype), rngs)
-        for i in range(c.num_encoder_layers):
-            setattr(self, f"layers_{i}", EncoderLayer(c, rngs))
-        self.encoder_norm = RMSNorm(c.d_model, c.layer_norm_epsilon, jnp.dtype(c.dtype),
-                                    jnp.dtype(c.param_dtype), rngs)
+        _build_stack(self, config, rngs, EncoderLayer, config.num_encoder_layers, True,
+                     "encoder_norm")
 
     def __call__(self, x, tokens, segment_ids=None, positions=None, dropout_key=None):
         c = self.config
@@ -152,14 +159,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, config: T5Config, rngs: nnx.Rngs):
         c = config
-        self.config = c
-        self.relpos_bias = RelativePositionBias(c.num_heads, c.relative_attention_num_buckets,
-                                                c.relative_attention_max_distance, False,
-                                                jnp.dtype(c.param_dtype), rngs)
-        for i in range(c.num_decoder_layers):
-            setattr(self, f"layers_{i}", DecoderLayer(c, rngs))
-        self.decoder_norm = RMSNorm(c.d_model, c.layer_norm_epsilon, jnp.dtype(c.dtype),
-                                    jnp.dtype(c.param_dtype), rngs)
+        _build_stack(self, c, rngs, DecoderLayer, c.num_decoder_layers, False, "decoder_norm")
         if not c.tie_word_embeddings:
             self.logits_dense = Dense(
                     c.d_model, c.vocab_size, ("embed", "vocab"),

@@ -40,18 +40,13 @@ class SpanCurriculum:
                                                   self.start_max_mean_span)
 
 
-def mean_span_length(example: Mapping[str, np.ndarray], vocab_size: int,
-                     num_extra_ids: int, eos_id: int = 1) -> float:
-    """Masked tokens per span of an SSR-masked example (teacher input + student target)."""
-    inputs = np.asarray(example["inputs"])
-    targets = np.asarray(example["targets"])
-    lo = vocab_size - num_extra_ids
-    spans = int(np.sum((inputs >= lo) & (inputs < vocab_size)))
-    masked = int(np.sum((targets != 0) & (targets != eos_id))) - spans
-    return masked / spans if spans else 0.0
+def mean_span_length(example: Mapping[str, np.ndarray]) -> float:
+    """Masked tokens per span of an SSR-masked example (the mask's own counts)."""
+    spans = int(example["num_spans"])
+    return int(example["masked_length"]) / spans if spans else 0.0
 
 
-def take(pipeline, count: int, step: int, curriculum: Optional[SpanCurriculum], vocabulary
+def take(pipeline, count: int, step: int, curriculum: Optional[SpanCurriculum]
          ) -> Tuple[List[Mapping[str, np.ndarray]], int]:
     """`count` examples for `step` from an InputPipeline (fewer at its end) and how many were
     read to find them."""
@@ -66,8 +61,7 @@ def take(pipeline, count: int, step: int, curriculum: Optional[SpanCurriculum], 
         if not got:
             break
         read += 1
-        if mean_span_length(got[0], vocabulary.vocab_size, vocabulary.extra_ids,
-                            vocabulary.eos_id) <= limit:
+        if mean_span_length(got[0]) <= limit:
             kept.append(got[0])
         elif read > curriculum.max_reads * count:
             raise UserError(f"SpanCurriculum at step {step}: fewer than 1 in "

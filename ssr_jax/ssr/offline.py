@@ -1,12 +1,13 @@
 """Offline SSR: `ssr-jax generate-spans` writes teacher-rewritten examples to TFRecord shards,
 and a SeqIO task (and input stage) reads them back.
 
-Generation runs exactly what the online stage runs (ssr_jax.ssr.online): the same masked
-task, split, seed and shards, the same teacher batch per step (examples_per_row x BATCH_SIZE
-- span_corruption_examples), the same per-example keys, decode lengths and rewrite. So for
-the same settings the offline examples are the online ones, and `offline_stage` (which adds
-the span-corruption examples and packs each step's group with the same packer) gives the
-student batches the online stage gives.
+Generation drives the stage that online training uses (ssr_jax.ssr.stage.SSRStage with the
+teacher as its source, without span-corruption examples): the same masked task, split, seed
+and shards, the same teacher batch per step (examples_per_row x BATCH_SIZE -
+span_corruption_examples), the same per-example keys, decode lengths, rewrite and lag (the
+teacher runs step s + 1 while step s is rewritten). `offline_stage` is the same stage with
+the stored examples as its source, plus the span-corruption examples, packed by the same
+packer: for the same settings it gives the student batches the online stage gives.
 
 Layout of OUTPUT_DIR:
     manifest.json                                  the settings (a rerun must match them)
@@ -35,15 +36,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ssr_jax import distributed
+from ssr_jax import vocab as vocab_lib
+from ssr_jax.data.dataset import task_vocabulary
 from ssr_jax.data.ssr_preprocessors import RewriteStats
 from ssr_jax.errors import UserError
-from ssr_jax.ssr import online
+from ssr_jax.ssr import stage as stage_lib
+from ssr_jax.ssr import stats as stats_lib
 from ssr_jax.ssr import teacher as teacher_lib
-from ssr_jax.ssr.curriculum import take
-from ssr_jax import vocab as vocab_lib
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: progress states are the SSR stage's data states
 _CHUNK_RE = re.compile(r"^ssr-(\d{6})-(\d{5})-of-(\d{5})\.tfrecord$")
 
 
@@ -131,31 +134,24 @@ def _make_source(output_dir: str, split: str):
     return OfflineSSRSource()
 
 
-def register_offline_ssr_task(name: str, output_dir: str, vocabulary=None,
-                              overwrite: bool = True):
+def register_offline_ssr_task(name: str, output_dir: str, vocabulary, overwrite: bool = True):
     """Registers the rewritten examples of `output_dir` as a SeqIO task {'inputs' (student
-    input), 'targets'} with the split they were generated from. The vocabulary (default: the
-    embedded corpus's) must be the one recorded in the manifest."""
+    input), 'targets'} with the split they were generated from. The vocabulary must be the
+    one recorded in the manifest."""
     import seqio  # pylint: disable=import-outside-toplevel
+    from ssr_jax.data import factories  # pylint: disable=import-outside-toplevel
     manifest = read_manifest(output_dir)
-    if vocabulary is None:
-        import tasks  # pylint: disable=import-outside-toplevel
-        vocabulary = tasks.default_vocabulary()
     recorded, mine = manifest["vocabulary"], vocab_lib.vocab_record(vocabulary)
     for key in ("vocab_size", "extra_ids", "sentencepiece_sha256"):
         if recorded.get(key) != mine.get(key):
             raise UserError(f"offline SSR data {output_dir} was written with vocabulary "
                             f"{recorded.get('sentencepiece_model_file')} ({key}="
                             f"{recorded.get(key)}), not {mine.get('sentencepiece_model_file')}.")
-    if name in seqio.TaskRegistry.names():
-        if not overwrite:
-            raise UserError(f"task {name!r} is already registered.")
-        seqio.TaskRegistry.remove(name)
     features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
                 "targets": seqio.Feature(vocabulary, add_eos=True)}
-    return seqio.TaskRegistry.add(name, source=_make_source(output_dir, manifest["split"]),
-                                  output_features=features, preprocessors=[],
-                                  shuffle_buffer_size=10_000)
+    return factories.add_task(name, overwrite, source=_make_source(output_dir, manifest["split"]),
+                              output_features=features, preprocessors=[],
+                              shuffle_buffer_size=10_000)
 
 
 def read_manifest(output_dir: str) -> Dict[str, Any]:
@@ -173,10 +169,12 @@ def progress(output_dir: str, manifest: Dict[str, Any]) -> List[Optional[Dict[st
 
 
 # --- generation -------------------------------------------------------------------------------
-def _manifest(cfg, plan: online.SlotPlan, teacher: teacher_lib.TeacherConfig, vocabulary,
-              config: online.SsrStageConfig, num_steps: Optional[int], chunk_steps: int):
-    sampler = {k: getattr(teacher, k) for k in ("top_p", "top_k", "temperature", "fill_ratio",
-                                                "seed", "dtype")}
+def _manifest(cfg, plan: stage_lib.SlotPlan, teacher: teacher_lib.TeacherConfig, vocabulary,
+              config: stage_lib.SsrStageConfig, fill_ratio: float, num_steps: Optional[int],
+              chunk_steps: int):
+    sampler = {k: getattr(teacher, k) for k in ("top_p", "top_k", "temperature", "seed",
+                                                "dtype")}
+    sampler["fill_ratio"] = fill_ratio
     return {"format": FORMAT, "task": cfg.mixture_or_task_name, "split": cfg.split,
             "seed": cfg.seed, "shuffle": cfg.shuffle,
             "student_lengths": list(plan.student_lengths),
@@ -189,30 +187,6 @@ def _manifest(cfg, plan: online.SlotPlan, teacher: teacher_lib.TeacherConfig, vo
             "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum else None,
             "vocabulary": vocab_lib.vocab_record(vocabulary), "num_steps": num_steps,
             "chunk_steps": chunk_steps}
-
-
-def _min_over_hosts(value: int) -> int:
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return int(np.min(multihost_utils.process_allgather(np.array([value], np.int64))))
-
-
-def _any_over_hosts(flag: bool) -> bool:
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-def _sync(name: str):
-    """All hosts reach this point (so every shard's files are in place)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=C0415
-        multihost_utils.sync_global_devices(name)
 
 
 def _write_chunk(path: str, examples: Sequence[Dict[str, np.ndarray]]):
@@ -228,15 +202,9 @@ def _write_chunk(path: str, examples: Sequence[Dict[str, np.ndarray]]):
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def _stats_to_json(stats: RewriteStats) -> Dict[str, Any]:
-    d = dataclasses.asdict(stats)
-    d["fill_lengths"] = int(np.sum(stats.fill_lengths))  # totals keep the file small
-    d["original_lengths"] = int(np.sum(stats.original_lengths))
-    return d
-
-
 def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: str,
-                   partitioner, ssr: online.SsrStageConfig = online.SsrStageConfig(),
+                   partitioner,
+                   ssr: stage_lib.SsrStageConfig = stage_lib.SsrStageConfig(),
                    num_steps: Optional[int] = None, chunk_steps: int = 50,
                    student_vocab_size: Optional[int] = None,
                    stop_after_chunks: Optional[int] = None) -> Dict[str, Any]:
@@ -250,11 +218,14 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
     if chunk_steps < 1 or (num_steps is not None and num_steps < 1):
         raise UserError(f"generate-spans: chunk_steps={chunk_steps} and num_steps={num_steps} "
                         "must be >= 1.")
-    vocabulary = online.task_vocabulary(dataset.mixture_or_task_name, dataset.module)
+    vocabulary = task_vocabulary(dataset.mixture_or_task_name, dataset.module)
     teacher_lib.check_teacher(teacher, vocabulary, student_vocab_size)  # before any compute
-    plan = online.plan_slots(dataset.task_feature_lengths, dataset.batch_size, ssr, partitioner)
+    plan = stage_lib.plan_slots(dataset.task_feature_lengths, dataset.batch_size, ssr,
+                                partitioner)
     shard, shards = plan.ssr_shard
-    manifest = _manifest(dataset, plan, teacher, vocabulary, ssr, num_steps, chunk_steps)
+    fill_ratio = stage_lib.task_fill_ratio(dataset)
+    manifest = _manifest(dataset, plan, teacher, vocabulary, ssr, fill_ratio, num_steps,
+                         chunk_steps)
     tf.io.gfile.makedirs(output_dir)
     old = _read_json(os.path.join(output_dir, MANIFEST))
     if old is not None and old != manifest:
@@ -266,92 +237,68 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
     progress_path = os.path.join(output_dir, progress_name(shard, shards))
     record = _read_json(progress_path) or {"chunks_done": 0, "states": {}, "complete": False,
                                            "examples": 0, "stats": None}
-    if _min_over_hosts(int(record["complete"])) == 1:
+    if distributed.min_over_hosts(int(record["complete"])) == 1:
         print(f"generate-spans: {output_dir} is already complete "
               f"({record['examples']} examples in this shard).", flush=True)
         return record
-    start_chunk = _min_over_hosts(int(record["chunks_done"]))
+    start_chunk = distributed.min_over_hosts(int(record["chunks_done"]))
     total_chunks = None if num_steps is None else -(-num_steps // chunk_steps)
-    max_len = teacher_lib.static_decode_length(*plan.slot_lengths, teacher.fill_ratio)
-    model = teacher_lib.Teacher.load(teacher, partitioner, vocabulary, max_len,
-                                     student_vocab_size)
-    pipeline, _ = online.make_pipelines(dataset, dataclasses.replace(plan, sc_examples=0), ssr,
-                                        dataset.mixture_or_task_name, dataset.shuffle,
-                                        repeat=num_steps is not None)
+    gen_plan = dataclasses.replace(plan, sc_examples=0, host_sc=0)
+    config = dataclasses.replace(ssr, probe_every=0, snapshot_every=chunk_steps)
+    source = stage_lib.teacher_source(dataset, gen_plan, partitioner, teacher,
+                                      student_vocab_size)
+    pipelines = stage_lib.make_pipelines(dataset, gen_plan, config,
+                                         dataset.mixture_or_task_name, dataset.shuffle,
+                                         repeat=num_steps is not None)
+    stage = stage_lib.SSRStage(gen_plan, partitioner, pipelines, source, config,
+                               allow_partial=num_steps is None)
     if start_chunk:
         state = record["states"].get(str(start_chunk))
         if state is None:
-            raise UserError(f"{progress_path} has no pipeline state for chunk {start_chunk}; "
+            raise UserError(f"{progress_path} has no data state for chunk {start_chunk}; "
                             "delete OUTPUT_DIR and regenerate.")
-        pipeline.set_state(state)
+        stage.set_state(state)
         print(f"generate-spans: resuming at chunk {start_chunk} ({start_chunk * chunk_steps} "
               "steps done)", flush=True)
-    stats = RewriteStats()
     chunk, committed, t_start = start_chunk, 0, time.time()
     ended = False
     while not ended and (total_chunks is None or chunk < total_chunks):
         steps = chunk_steps if num_steps is None else min(chunk_steps,
                                                          num_steps - chunk * chunk_steps)
-        examples: List[Dict[str, np.ndarray]] = []
-        prev, prev_real = None, 0
-        for i in range(steps):
-            got, _ = take(pipeline, plan.host_ssr, chunk * chunk_steps + i, ssr.curriculum,
-                          vocabulary)
-            ended = _any_over_hosts(len(got) < plan.host_ssr)
-            real = len(got)
-            got += [{"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32)}
-                    ] * (plan.host_ssr - real)
-            call = online.TeacherCall(model, partitioner, got, plan.slot_lengths, vocabulary,
-                                      teacher.seed, teacher.fill_ratio)
-            if prev is not None:  # rewrite step s while the teacher runs step s + 1
-                rows, s, _ = prev.rewrite()
-                examples += rows[:prev_real]
-                stats = stats.merge(s)
-            prev, prev_real = call, real
+        examples, prev = [], None
+        for _ in range(steps):
+            step = stage.start_step()  # the teacher runs step s + 1 ...
+            if prev is not None:
+                examples += stage.finish(prev)  # ... while step s is rewritten
+            prev, ended = step, step.ended
             if ended:
                 break
-        rows, s, _ = prev.rewrite()
-        examples += rows[:prev_real]
-        stats = stats.merge(s)
+        examples += stage.finish(prev)
         _write_chunk(os.path.join(output_dir, chunk_name(chunk, shard, shards)), examples)
         chunk += 1
         committed += 1
         states = {k: v for k, v in record["states"].items() if int(k) == chunk - 1}
-        states[str(chunk)] = pipeline.get_state()
+        states[str(chunk)] = stage.get_state()
         done = ended or (total_chunks is not None and chunk >= total_chunks)
+        stats = RewriteStats.from_json(record.get("stats")).merge(stage.pop_stats())
         record = {"chunks_done": chunk, "states": states, "complete": done,
                   "examples": int(record["examples"]) + len(examples),
-                  "stats": _merge_stats_json(record.get("stats"), _stats_to_json(stats))}
+                  "stats": stats.to_json()}
         _write_json_atomic(progress_path, record)
-        stats = RewriteStats()
         if jax.process_index() == 0:
             print(f"generate-spans: chunk {chunk}" + (f"/{total_chunks}" if total_chunks else "")
                   + f" committed ({record['examples']} examples in shard {shard}, "
                   f"{time.time() - t_start:.0f}s)", flush=True)
         if stop_after_chunks is not None and committed >= stop_after_chunks and not done:
+            stage.close()
             return record
-    _sync("generate_spans_done")
-    summary = _summary(record.get("stats"))
+    stage.close()
+    distributed.barrier("generate_spans_done")
     if jax.process_index() == 0:
+        summary = RewriteStats.from_json(record.get("stats")).summary()
         print(f"generate-spans: done; {record['examples']} examples in shard {shard} of "
-              f"{shards} under {output_dir}; {summary}", flush=True)
+              f"{shards} under {output_dir}; {stats_lib.describe(summary)}", flush=True)
     return record
-
-
-def _merge_stats_json(a: Optional[Dict], b: Dict) -> Dict:
-    if not a:
-        return b
-    return {k: a.get(k, 0) + v for k, v in b.items()}
-
-
-def _summary(stats: Optional[Dict]) -> str:
-    if not stats or not stats.get("spans"):
-        return "no spans"
-    spans = stats["spans"]
-    valid = max(stats["valid_fills"], 1)
-    return (f"valid fills {stats['valid_fills'] / spans:.1%}, exact copies "
-            f"{stats['exact_copies'] / valid:.1%}, mean fill {stats['fill_lengths'] / valid:.2f}"
-            f" vs original {stats['original_lengths'] / spans:.2f} tokens")
 
 
 # --- training from offline data ---------------------------------------------------------------
@@ -361,14 +308,15 @@ def offline_task_name(output_dir: str) -> str:
 
 
 def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
-                  config: online.SsrStageConfig = online.SsrStageConfig()) -> online.SSRStage:
+                  config: stage_lib.SsrStageConfig = stage_lib.SsrStageConfig()
+                  ) -> stage_lib.SSRStage:
     """Student batches from generate-spans output: each step's group of rewritten examples
     plus the span-corruption examples, packed exactly as the online stage packs them.
     `cfg` is the student's DatasetConfig (its task: the SSR-masked task it was made from)."""
     manifest = read_manifest(output_dir)
-    vocabulary = online.task_vocabulary(cfg.mixture_or_task_name, cfg.module)
-    plan = online.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
-                             num_microbatches)
+    vocabulary = task_vocabulary(cfg.mixture_or_task_name, cfg.module)
+    plan = stage_lib.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
+                                num_microbatches)
     expect = {"slot_lengths": list(plan.slot_lengths),
               "ssr_examples_per_step": plan.ssr_examples, "split": cfg.split,
               "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum
@@ -388,36 +336,11 @@ def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
               f"run reads {plan.ssr_shard[1]}: same examples, different batches.", flush=True)
     name = offline_task_name(output_dir)
     register_offline_ssr_task(name, output_dir, vocabulary)
-    ssr_pipe, sc_pipe = online.make_pipelines(cfg, plan, config, name, shuffle=False,
-                                              repeat=False)
+    pipelines = stage_lib.make_pipelines(cfg, plan, config, name, shuffle=False, repeat=False)
     steps = manifest["num_steps"]
     print(f"offline SSR: {output_dir} ({steps if steps else 'one pass of'} steps of "
           f"{plan.ssr_examples} rewritten + {plan.sc_examples} span-corruption examples)",
           flush=True)
     # The curriculum chose the examples at generation time; read them all, in order.
-    return online.SSRStage(plan, partitioner, vocabulary, ssr_pipe, sc_pipe, None, 0,
-                           2.0, dataclasses.replace(config, curriculum=None))
-
-
-# --- command line -----------------------------------------------------------------------------
-def main(argv) -> int:
-    """`ssr-jax generate-spans --gin_file=... --gin.OUTPUT_DIR=...` (MODEL_DIR, required by
-    the run-mode files, defaults to OUTPUT_DIR: generate-spans writes nothing there)."""
-    import gin  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from ssr_jax import gin_config  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
-    from ssr_jax.train import main as train_main  # pylint: disable=import-outside-toplevel
-    gin_bindings.register()
-    argv = list(argv)
-    if not any(a.startswith(("--gin.MODEL_DIR=", "--gin.MODEL_DIR ")) for a in argv):
-        argv.append("--gin.MODEL_DIR=%OUTPUT_DIR")
-    train_main._prepare(argv)  # pylint: disable=protected-access
-    output_dir = gin_config.query_macro("OUTPUT_DIR")
-    if isinstance(output_dir, str) and jax.process_index() == 0:
-        tf.io.gfile.makedirs(output_dir)
-        with tf.io.gfile.GFile(os.path.join(output_dir, "generate_config.gin"), "w") as f:
-            f.write(gin.config_str())
-    gin_bindings.call("generate_spans")
-    return 0
+    return stage_lib.SSRStage(plan, partitioner, pipelines, stage_lib.StoredRewrites(),
+                              dataclasses.replace(config, curriculum=None))

@@ -15,8 +15,9 @@ sharded on the batch axes like a student batch): temperature/top-k/top-p samplin
     the host (`example_keys`), so its fills do not depend on the batch it lands in, the mesh,
     the number of hosts, or a restart; online and offline generation therefore agree;
   * it stops after `<extra_id_n>` (n = its number of spans; `stop_tokens`) or at its own
-    max length (`teacher_decode_lengths`: about twice its masked tokens, capped by the room
-    left in its slot); the static decode length is the largest such cap for the slot.
+    max length (`teacher_decode_lengths`: the task's fill_ratio, about twice its masked
+    tokens, capped by the room left in its slot); the static decode length is the largest
+    such cap for the slot.
 
 Vocabulary safety. `check_teacher` runs before anything is loaded or compiled: the teacher
 checkpoint must exist, its model_config.json (or an explicit config) must have the student's
@@ -39,6 +40,7 @@ from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
 from ssr_jax.train import checkpoints
+from ssr_jax import vocab as vocab_lib
 from ssr_jax.vocab import VOCAB_RECORD_FILE, vocab_record
 
 TEACHER_DTYPES = ("float32", "bfloat16")
@@ -52,7 +54,6 @@ class TeacherConfig:
     model_config: overrides the checkpoint's model_config.json (needed when it has none).
     dtype: 'bfloat16' casts the teacher's params and activations (halves its memory).
     top_p / top_k / temperature: the sampler (the paper: top-p 0.9).
-    fill_ratio: teacher budget, fill tokens per masked token (the paper: about 2).
     seed: mixed into every example's key; the same seed gives the same fills.
     """
 
@@ -62,7 +63,6 @@ class TeacherConfig:
     top_p: float = 0.9
     top_k: int = 0
     temperature: float = 1.0
-    fill_ratio: float = 2.0
     seed: int = 0
 
     def __post_init__(self):
@@ -72,8 +72,6 @@ class TeacherConfig:
             raise UserError(f"TeacherConfig sampler top_p={self.top_p}, top_k={self.top_k}, "
                             f"temperature={self.temperature}: need 0 < top_p <= 1, top_k >= 0 "
                             "and temperature > 0.")
-        if self.fill_ratio <= 0:
-            raise UserError(f"TeacherConfig.fill_ratio={self.fill_ratio} must be > 0.")
 
 
 # --- vocabulary records and checks -------------------------------------------------------------
@@ -106,24 +104,25 @@ def _resolve_checkpoint(checkpoint_path: str) -> str:
 
 
 def teacher_model_config(cfg: TeacherConfig) -> T5Config:
-    """The teacher's T5Config: explicit, else its checkpoint's model_config.json."""
-    step_dir = _resolve_checkpoint(cfg.checkpoint_path)
+    """The teacher's T5Config: explicit (then no checkpoint is needed, e.g. for a plan), else
+    its checkpoint's model_config.json; frozen (no dropout), in the teacher's dtype."""
     if cfg.model_config is not None:
         config = cfg.model_config
     else:
+        step_dir = _resolve_checkpoint(cfg.checkpoint_path)
         stored = checkpoints.load_model_config(step_dir)
         if not stored:
             raise UserError(f"SSR teacher checkpoint {step_dir} has no model_config.json; "
                             "bind TeacherConfig.model_config (e.g. to a gin model's T5Config).")
-        fields = {f.name for f in dataclasses.fields(T5Config)}
-        unknown = sorted(set(stored) - fields)
-        if unknown:
-            raise UserError(f"SSR teacher model_config.json in {step_dir} has unknown fields "
-                            f"{unknown}.")
-        config = T5Config(**stored)
+        config = T5Config.from_dict(stored, f"SSR teacher model_config.json in {step_dir}")
     dtype = cfg.dtype
     # Frozen and sampled: no dropout; bf16 holds params and activations in bfloat16.
     return config.replace(dropout_rate=0.0, dtype=dtype, param_dtype=dtype)
+
+
+def teacher_model(cfg: TeacherConfig) -> EncoderDecoderModel:
+    """The teacher's model (no params): see teacher_model_config."""
+    return EncoderDecoderModel(teacher_model_config(cfg))
 
 
 def check_teacher(cfg: TeacherConfig, vocabulary, student_vocab_size: Optional[int] = None
@@ -131,6 +130,7 @@ def check_teacher(cfg: TeacherConfig, vocabulary, student_vocab_size: Optional[i
     """All checks that need no compute; returns the teacher's T5Config. UserError on any
     mismatch: missing checkpoint, vocab_size vs the student's, sentinel ids out of range,
     or a recorded vocabulary that is not the task's."""
+    step_dir = _resolve_checkpoint(cfg.checkpoint_path)
     config = teacher_model_config(cfg)
     where = f"SSR teacher {cfg.checkpoint_path}"
     if student_vocab_size is not None and int(student_vocab_size) != config.vocab_size:
@@ -141,7 +141,7 @@ def check_teacher(cfg: TeacherConfig, vocabulary, student_vocab_size: Optional[i
         raise UserError(f"{where} has vocab_size {config.vocab_size}, smaller than the task "
                         f"vocabulary's {vocabulary.vocab_size} ids: it was trained with another "
                         "vocabulary.")
-    record = read_vocab_record(_resolve_checkpoint(cfg.checkpoint_path))
+    record = read_vocab_record(step_dir)
     if record is not None:
         mine = vocab_record(vocabulary)
         for key in ("vocab_size", "extra_ids", "sentencepiece_sha256"):
@@ -170,22 +170,9 @@ def example_keys(teacher_inputs: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def span_counts(teacher_inputs: np.ndarray, targets: np.ndarray, vocab_size: int,
-                num_extra_ids: int, eos_id: int = 1):
-    """(num_spans, masked_length) per row, read from the tokens: spans are the sentinels of
-    the teacher input; the student target `orig_0 <x_1> ... <x_n> EOS` holds M + n tokens
-    before its EOS."""
-    lo = vocab_size - num_extra_ids
-    tin = np.asarray(teacher_inputs)
-    tgt = np.asarray(targets)
-    num_spans = np.sum((tin >= lo) & (tin < vocab_size), axis=1)
-    target_tokens = np.sum((tgt != 0) & (tgt != eos_id), axis=1)
-    return num_spans.astype(np.int32), np.maximum(target_tokens - num_spans, 0).astype(np.int32)
-
-
 def stop_tokens(num_spans: np.ndarray, vocab_size: int) -> np.ndarray:
     """The id of `<extra_id_n>` per row: the teacher is done after n fills."""
-    return (vocab_size - 1 - np.asarray(num_spans, np.int64)).astype(np.int32)
+    return vocab_lib.sentinel(vocab_size, np.asarray(num_spans, np.int64)).astype(np.int32)
 
 
 def static_decode_length(inputs_length: int, targets_length: int, fill_ratio: float) -> int:
@@ -207,7 +194,7 @@ def _sample(model, decode, params, inputs, keys, stops, max_lens):
 _SAMPLERS: Dict[Any, Any] = {}
 
 
-def _sampler(model, decode, partitioner, param_shardings):
+def sampler(model, decode, partitioner, param_shardings):
     """The jitted sampler, shared by teachers of the same config, decoding and mesh (so a
     reloaded teacher reuses the compiled program)."""
     key = (model.config, decode, partitioner.mesh, partitioner.rules)
@@ -231,7 +218,7 @@ class Teacher:
     def __init__(self, model, params, partitioner, decode, param_shardings):
         self.model, self.params, self.partitioner, self.decode = model, params, partitioner, decode
         self.config: T5Config = model.config
-        self._sample = _sampler(model, decode, partitioner, param_shardings)
+        self._sample = sampler(model, decode, partitioner, param_shardings)
 
     @classmethod
     def load(cls, cfg: TeacherConfig, partitioner, vocabulary, max_decode_length: int,
@@ -239,11 +226,8 @@ class Teacher:
         """Checks (no compute), then restores the params into their shardings."""
         config = check_teacher(cfg, vocabulary, student_vocab_size)
         model = EncoderDecoderModel(config)
-        abstract = model.param_shapes()
-        shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
-        params = checkpoints.load_params(cfg.checkpoint_path, shardings, abstract)
-        params = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
-                              params, abstract)
+        params, shardings = checkpoints.restore_model_params(model, partitioner,
+                                                             cfg.checkpoint_path)
         decode = DecodeConfig(method="sample", max_decode_length=int(max_decode_length),
                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         return cls(model, params, partitioner, decode, shardings)
@@ -252,13 +236,3 @@ class Teacher:
         """Samples fills for global [B, L] inputs; returns global tokens [B, T] (async)."""
         with self.partitioner.activation_context():
             return self._sample(self.params, inputs, keys, stops, max_lens)
-
-    def param_bytes_per_device(self) -> int:
-        """Bytes of teacher params on the first device (to check that it is sharded)."""
-        device = self.partitioner.mesh.devices.flat[0]
-        total = 0
-        for leaf in jax.tree.leaves(self.params):
-            for shard in leaf.addressable_shards:
-                if shard.device == device:
-                    total += shard.data.size * shard.data.dtype.itemsize
-        return total

@@ -1,4 +1,4 @@
 """Training: optimizers, train state, jitted steps, checkpoints, metrics, the loop, inference.
 
-Entry points (gin edge) are in `ssr_jax.train.main`; the loop is `trainer.train`.
+The loop is `trainer.train` (plain arguments); its command line is `ssr_jax.cli.train`.
 """

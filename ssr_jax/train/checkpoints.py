@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ssr_jax import distributed
 from ssr_jax.errors import UserError
 
 PARAMS = "params"
@@ -85,7 +86,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return step
-        hosts = _gather_host_states(data_state)
+        hosts = distributed.gather_json(data_state)
         args = ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardSave(state.params),
                 TRAIN_STATE: ocp.args.StandardSave({"opt_state": state.opt_state,
@@ -178,7 +179,7 @@ class Checkpointer:
             if os.path.isdir(src):
                 os.rename(src, dst)
                 print(f"WARNING: moved the unreadable checkpoint to {dst}", flush=True)
-        _sync("quarantine_checkpoint")
+        distributed.barrier("quarantine_checkpoint")
         self._manager.reload()
 
 
@@ -189,26 +190,6 @@ def _stored_tree(item_dir: str) -> Any:
         return checkpointer.metadata(item_dir).item_metadata.tree
     finally:
         checkpointer.close()
-
-
-def _sync(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _gather_host_states(data_state: Any) -> list:
-    """Every host's JSON-able data state, in process order (a collective when multi-host)."""
-    if jax.process_count() == 1:
-        return [data_state]
-    from jax.experimental import multihost_utils
-    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
-    padded = np.zeros(int(np.max(lengths)), np.uint8)
-    padded[:raw.size] = raw
-    everyone = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
-            for i in range(jax.process_count())]
 
 
 def _host_state(stored: Optional[dict], step: int) -> Any:
@@ -284,6 +265,18 @@ def load_params(checkpoint_path: str, shardings: Any = None, abstract_params: An
         raise UserError(f"cannot restore params from {params_dir}: {_first_line(e)}") from e
     finally:
         checkpointer.close()
+
+
+def restore_model_params(model, partitioner, checkpoint_path: str) -> Tuple[Any, Any]:
+    """(params, shardings) of a BaseModel from a checkpoint: restored straight into the
+    shardings of the model's logical axes on the partitioner's mesh, in the model's param
+    dtype (e.g. a bfloat16 teacher from a float32 checkpoint). The one "abstract params ->
+    shardings -> load" path of eval, infer and the SSR teacher."""
+    abstract, shardings = partitioner.model_param_shardings(model)
+    params = load_params(checkpoint_path, shardings, abstract)
+    params = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
+                          params, abstract)
+    return params, shardings
 
 
 def save_params(step_dir: str, params: Any, model_config: Optional[dict] = None):

@@ -11,22 +11,19 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
+from ssr_jax import distributed
+from ssr_jax.data.dataset import DatasetConfig, get_task, host_batches
 from ssr_jax.models.base import BaseModel, DecodeConfig
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.train import checkpoints as ckpt
-from ssr_jax.train.input_stage import DatasetConfig, host_batches, import_task_module
 
 
 def infer(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
           partitioner: Partitioner, model_dir: str, decode: DecodeConfig = DecodeConfig(),
           num_batches: Optional[int] = None, seed: int = 0) -> Dict[str, Any]:
     """Decodes `dataset` (unpacked, in order) and returns the task's metrics (maybe empty)."""
-    import seqio  # pylint: disable=import-outside-toplevel
-    import_task_module(dataset.module)
-    task = seqio.get_mixture_or_task(dataset.mixture_or_task_name)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
-    shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
-    params = ckpt.load_params(checkpoint_path, shardings, abstract)
+    task = get_task(dataset.mixture_or_task_name, dataset.module)
+    params, _ = ckpt.restore_model_params(model, partitioner, checkpoint_path)
     dataset = _for_inference(dataset)
     rows: List[Dict[str, Any]] = []
     key = jax.random.PRNGKey(seed)
@@ -34,8 +31,10 @@ def infer(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
         with partitioner.activation_context():
             tokens, scores = model.predict_batch(params, batch, decode,
                                                  rng=jax.random.fold_in(key, i))
-        rows.extend(_decode_rows(task, _gather_rows(host_batch, n),
-                                 _gather_rows(_local_rows(tokens, scores, partitioner), n)))
+        preds = {"prediction": partitioner.host_rows(tokens),
+                 "score": partitioner.host_rows(scores)}
+        rows.extend(_decode_rows(task, distributed.gather_rows(host_batch, n),
+                                 distributed.gather_rows(preds, n)))
     step = os.path.basename(ckpt.resolve_step_dir(checkpoint_path))
     name = f"{dataset.mixture_or_task_name}-{dataset.split}-{step}"
     metrics = _task_metrics(task, rows)
@@ -56,34 +55,6 @@ def infer(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
 def _for_inference(cfg: DatasetConfig) -> DatasetConfig:
     import dataclasses  # pylint: disable=import-outside-toplevel
     return dataclasses.replace(cfg, pack=False, shuffle=False)
-
-
-def _local_rows(tokens: jax.Array, scores: jax.Array, partitioner: Partitioner):
-    """This host's rows of the (batch-sharded) predictions, in the order of its host batch."""
-    layout_rows = partitioner.data_layout(tokens.shape[0])
-    start = layout_rows.shard_index * layout_rows.per_host_batch_size
-    stop = start + layout_rows.per_host_batch_size
-    if jax.process_count() == 1:
-        return {"prediction": np.asarray(tokens)[start:stop],
-                "score": np.asarray(scores)[start:stop]}
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    full_t = multihost_utils.process_allgather(tokens, tiled=True)
-    full_s = multihost_utils.process_allgather(scores, tiled=True)
-    return {"prediction": full_t[start:stop], "score": full_s[start:stop]}
-
-
-def _gather_rows(host: Dict[str, np.ndarray], n: int) -> Dict[str, np.ndarray]:
-    """All hosts' real (unpadded) rows, in process order (identical on every host)."""
-    mine = {k: np.asarray(v)[:n] for k, v in host.items()}
-    if jax.process_count() == 1:
-        return mine
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    counts = multihost_utils.process_allgather(np.array([n]))
-    out = {}
-    for k, v in host.items():
-        everyone = multihost_utils.process_allgather(np.asarray(v))
-        out[k] = np.concatenate([everyone[i][:int(counts[i][0])] for i in range(len(counts))])
-    return out
 
 
 def _ids(row: np.ndarray, eos_id: int = 1) -> List[int]:

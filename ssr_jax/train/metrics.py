@@ -40,18 +40,6 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
-def train_flops_per_step(params: Any, batch_shapes: Mapping[str, tuple]) -> float:
-    """6 * params * tokens, counting encoder params against encoder positions and all other
-    params (decoder, output layer, tied embedding) against decoder positions. Attention
-    score FLOPs are left out, as in the usual MFU estimate."""
-    enc_tokens = math.prod(batch_shapes.get("encoder_input_tokens", (0,)))
-    dec_tokens = math.prod(batch_shapes.get("decoder_target_tokens", (0,)))
-    if not isinstance(params, Mapping) or not any("encoder" in str(k) for k in params):
-        return 6.0 * count_params(params) * (enc_tokens + dec_tokens)
-    enc = sum(count_params(v) for k, v in params.items() if "encoder" in str(k))
-    return 6.0 * (enc * enc_tokens + (count_params(params) - enc) * dec_tokens)
-
-
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -65,6 +53,8 @@ class MetricsLogger:
 
     def __init__(self, model_dir: Optional[str], total_steps: int, tokens_per_step: int,
                  flops_per_step: float, peak_flops_total: float):
+        """tokens_per_step: positions of the batch's static shape (padding included), the
+        ones flops_per_step (the model's matmul FLOPs) is counted over."""
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
@@ -114,6 +104,9 @@ class MetricsLogger:
                 "timing/steps_per_second": num_steps / max(seconds, 1e-9),
                 "timing/tokens_per_second": tok_s,
         }
+        if "real_tokens" in summed and self.tokens_per_step:
+            scalars["timing/padding_fraction"] = 1.0 - summed["real_tokens"] / (
+                    self.tokens_per_step * num_steps)
         if math.isfinite(mfu):
             scalars["timing/mfu"] = mfu
         scalars.update(extra or {})

@@ -99,11 +99,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Base
             nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
             nonfinite_total=state.nonfinite_total + nonfinite)
     metrics = {**sums,
+               "real_tokens": _real_tokens(batch),
                "grad_norm": grad_norm,
                "learning_rate": optimizer.learning_rate(state.step),
                "nonfinite": nonfinite,
                "nonfinite_consecutive": new_state.nonfinite_consecutive}
     return new_state, metrics
+
+
+def _real_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Non-padding input and target positions of the batch (the rest is padding)."""
+    return sum(jnp.sum(batch[k] != 0).astype(jnp.float32)
+               for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch)
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: BaseModel) -> Metrics:

@@ -23,7 +23,8 @@ from ssr_jax.train import checkpoints as ckpt
 from ssr_jax.train import metrics as metrics_lib
 from ssr_jax.train import steps as steps_lib
 from ssr_jax.train import train_state as ts
-from ssr_jax.train.input_stage import DatasetConfig, InputStage, PipelineInputStage, host_batches
+from ssr_jax.data.dataset import DatasetConfig, host_batches
+from ssr_jax.train.input_stage import InputStage, PipelineInputStage
 from ssr_jax.train.optimizers import Optimizer
 
 StageFactory = Callable[[DatasetConfig, Partitioner, int], InputStage]
@@ -115,7 +116,7 @@ class _Run:
         abstract = ts.abstract_state(model, optimizer)
         shardings = ts.state_shardings(partitioner, model, abstract)
         checkpointer = ckpt.Checkpointer(os.path.join(model_dir, ckpt.CHECKPOINTS_SUBDIR),
-                                         checkpoint, model_config=_model_config(model))
+                                         checkpoint, model_config=model.config_dict())
         state, data_state = _initial_state(model, optimizer, partitioner, abstract, shardings,
                                            checkpointer, initial_checkpoint_path, seed)
         factory = input_stage_factory or PipelineInputStage.from_config
@@ -124,9 +125,10 @@ class _Run:
             stage.set_state(data_state)
         train_step = steps_lib.make_train_step(model, optimizer, partitioner, shardings,
                                                num_microbatches)
-        batch_shapes = _batch_shapes(train_dataset)
-        flops = metrics_lib.train_flops_per_step(abstract.params, batch_shapes)
-        tokens = sum(int(np.prod(s)) for s in batch_shapes.values())  # incl. padding
+        lengths = dict(train_dataset.task_feature_lengths)
+        li, lt = lengths.get("inputs", 0), lengths.get("targets", 0)
+        flops = model.train_flops(train_dataset.batch_size, li, lt)
+        tokens = train_dataset.batch_size * (li + lt)  # incl. padding
         logger = metrics_lib.MetricsLogger(model_dir, train_steps, tokens, flops,
                                            metrics_lib.peak_flops(peak_flops_per_device))
         print(f"model: {metrics_lib.count_params(abstract.params):,} params; "
@@ -143,7 +145,7 @@ class _Run:
         fetched = jax.device_get(window)
         seconds = time.time() - since
         summed = {k: float(sum(m[k] for m in fetched))
-                  for k in ("loss_sum", *steps_lib.AUX_KEYS, "nonfinite")}
+                  for k in ("loss_sum", *steps_lib.AUX_KEYS, "real_tokens", "nonfinite")}
         summed["grad_norm"] = float(fetched[-1]["grad_norm"])
         summed["learning_rate"] = float(fetched[-1]["learning_rate"])
         # Stages with their own statistics (online SSR) expose pop_metrics().
@@ -182,17 +184,6 @@ def _initial_state(model, optimizer, partitioner, abstract, shardings, checkpoin
     return ts.init_state(model, optimizer, partitioner, shardings, seed), None
 
 
-def _model_config(model: BaseModel) -> Optional[dict]:
-    config = getattr(model, "config", None)
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
-
-
-def _batch_shapes(cfg: DatasetConfig) -> Dict[str, tuple]:
-    lengths = dict(cfg.task_feature_lengths)
-    return {"encoder_input_tokens": (cfg.batch_size, lengths.get("inputs", 0)),
-            "decoder_target_tokens": (cfg.batch_size, lengths.get("targets", 0))}
-
-
 def _make_evaluator(model, partitioner, param_shardings, cfg: Optional[DatasetConfig],
                     eval_steps: int, logger: metrics_lib.MetricsLogger):
     """Eval over a fixed set of `eval_steps` batches (read once, kept on the host)."""
@@ -226,13 +217,8 @@ def _preemption_flag():
         previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
 
     def preempted(step: int) -> bool:
-        if jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils  # pylint: disable=C0415
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except Exception:  # pylint: disable=broad-except
-                pass
-        return received.is_set()
+        agreed = distributed.reached_preemption_sync_point(step)
+        return received.is_set() if agreed is None else agreed
 
     try:
         yield preempted
@@ -245,9 +231,7 @@ def evaluate(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
              partitioner: Partitioner, num_batches: Optional[int] = None,
              model_dir: Optional[str] = None) -> Dict[str, float]:
     """Loss and accuracy of a checkpoint over a split (all of it when num_batches is None)."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
-    shardings = partitioner.param_shardings(abstract, model.param_logical_axes())
-    params = ckpt.load_params(checkpoint_path, shardings, abstract)
+    params, shardings = ckpt.restore_model_params(model, partitioner, checkpoint_path)
     step_fn = steps_lib.make_eval_step(model, partitioner, shardings)
     logger = metrics_lib.MetricsLogger(model_dir, 0, 0, 0.0, float("nan"))
     sums, count = None, 0

@@ -10,50 +10,16 @@ import-hf: reads an HF T5 directory and writes a params-only checkpoint (<out>/p
 <out>/model_config.json) that the trainer accepts as an initial checkpoint.
 """
 import argparse
-import dataclasses
 import json
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
+from ssr_jax.cli import gin_registry
 from ssr_jax.errors import UserError
 from ssr_jax.hf.convert import export_hf, import_hf
 from ssr_jax.models.config import T5Config
-
-
-def t5config_from_dict(d: dict, source: str) -> T5Config:
-    fields = {f.name for f in dataclasses.fields(T5Config)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise UserError(f"{source}: unknown T5Config field(s) {', '.join(unknown)}.")
-    try:
-        return T5Config(**d)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{source}: {e}") from e
-
-
-def t5config_from_gin(path: str, bindings: Sequence[str] = ()) -> T5Config:
-    """The T5Config of the model a gin file binds to MODEL (gin/models/*/*.gin)."""
-    import gin
-    from ssr_jax import gin_config
-    gin_config.setup(gin_config.Flags([path], list(bindings), [], {}))
-    try:
-        ref = gin.query_parameter("%MODEL")
-    except ValueError:
-        ref = None
-    if not hasattr(ref, "scoped_configurable_fn"):
-        raise UserError(f"{path}: binds no MODEL = @.../EncoderDecoderModel(); use a file "
-                        "from gin/models/.")
-    scope = "/".join(ref.scopes)
-    try:
-        config_ref = gin.query_parameter(f"{scope + '/' if scope else ''}{ref.selector}.config")
-        config = config_ref.scoped_configurable_fn()
-    except (ValueError, AttributeError) as e:
-        raise UserError(f"{path}: MODEL has no T5Config bound to its 'config' ({e}).") from e
-    if not isinstance(config, T5Config):
-        raise UserError(f"{path}: MODEL.config is not a T5Config.")
-    return config
 
 
 def load_model_config_file(path: str) -> T5Config:
@@ -61,16 +27,14 @@ def load_model_config_file(path: str) -> T5Config:
     if not os.path.isfile(path):
         raise UserError(f"--model_config {path}: no such file.")
     if path.endswith(".gin"):
-        return t5config_from_gin(path)
+        return gin_registry.t5config_from_gin(path)
     try:
         with open(path) as f:
             d = json.load(f)
     except ValueError as e:
         raise UserError(f"--model_config {path}: not valid JSON ({e}); give a JSON of "
                         "T5Config fields or a .gin model file.") from e
-    if not isinstance(d, dict):
-        raise UserError(f"--model_config {path}: expected a JSON object of T5Config fields.")
-    return t5config_from_dict(d, path)
+    return T5Config.from_dict(d, f"--model_config {path}")
 
 
 def load_params_from_checkpoint(path: str) -> Tuple[dict, Optional[T5Config]]:
@@ -81,7 +45,7 @@ def load_params_from_checkpoint(path: str) -> Tuple[dict, Optional[T5Config]]:
     config_dict = checkpoints.load_model_config(path)
     config = None
     if config_dict:
-        config = t5config_from_dict(config_dict, os.path.join(path, "model_config.json"))
+        config = T5Config.from_dict(config_dict, os.path.join(path, "model_config.json"))
     return jax.tree.map(np.asarray, params), config
 
 
@@ -118,7 +82,7 @@ def _check_param_shapes(params, config: T5Config, source: str):
     """A clear error when params and config disagree (before any conversion)."""
     import jax
     from ssr_jax.models.encoder_decoder import EncoderDecoderModel
-    expected = EncoderDecoderModel(config).param_shapes()
+    expected = EncoderDecoderModel(config).abstract_params()
     flat_e = {jax.tree_util.keystr(p): tuple(x.shape)
               for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
     flat_p = {jax.tree_util.keystr(p): tuple(np.shape(x))
@@ -178,7 +142,7 @@ def import_main(argv) -> int:
     params, config = import_hf(args.hf_dir)
     from ssr_jax import vocab as vocab_lib
     from ssr_jax.train import checkpoints
-    checkpoints.save_params(args.out, params, dataclasses.asdict(config))
+    checkpoints.save_params(args.out, params, config.to_dict())
     if args.vocab:
         vocab_lib.write_vocab_record(args.out, vocab_lib.get_vocabulary(args.vocab))
     print(f"wrote params checkpoint to {args.out} ({config.num_encoder_layers}+"

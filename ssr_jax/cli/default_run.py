@@ -42,7 +42,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
 
 
 def _train(gin_file: str, model_dir: str, steps: int, extra: List[str]) -> None:
-    from ssr_jax.train.main import train_main  # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli.train import main as train_main  # pylint: disable=C0415
     argv = [f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
             f"--gin.TRAIN_STEPS={steps}", "--gin.train.log_every=" + str(max(1, steps // 6))]
     if train_main(argv + extra) != 0:
@@ -53,22 +53,22 @@ def _evaluate(model_dir: str, batches: int) -> Dict[str, float]:
     """Held-out span-corruption loss/accuracy of a run's newest checkpoint, with the model
     config stored next to it (so teacher and student are evaluated the same way)."""
     # pylint: disable=import-outside-toplevel
-    from ssr_jax.models.config import T5Config
+    from ssr_jax.data.dataset import DatasetConfig
     from ssr_jax.models.encoder_decoder import EncoderDecoderModel
     from ssr_jax.partitioning import Partitioner
     from ssr_jax.train import checkpoints, trainer
-    from ssr_jax.train.input_stage import DatasetConfig
-    config = T5Config(**checkpoints.load_model_config(model_dir))
+    model = EncoderDecoderModel.from_config_dict(checkpoints.load_model_config(model_dir),
+                                                 f"{model_dir} model_config.json")
     dataset = DatasetConfig(EVAL_TASK, EVAL_LENGTHS, split="validation", batch_size=16,
-                            shuffle=False, pack=False)
-    return trainer.evaluate(model=EncoderDecoderModel(config), checkpoint_path=model_dir,
+                            shuffle=False, pack=False, module="tasks")
+    return trainer.evaluate(model=model, checkpoint_path=model_dir,
                             dataset=dataset, partitioner=Partitioner({"data": -1}),
                             num_batches=batches, model_dir=model_dir)
 
 
 def _export(model_dir: str, out: str) -> None:
     import tasks  # pylint: disable=import-outside-toplevel
-    from ssr_jax.hf.cli import export_main  # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli.hf import export_main  # pylint: disable=import-outside-toplevel
     export_main(["--checkpoint", model_dir, "--vocab", tasks.DEFAULT_SPM_PATH, "--out", out])
 
 
@@ -80,28 +80,19 @@ def _describe(model_dir: str) -> str:
 
 
 def _ssr_line(model_dir: str) -> Optional[str]:
-    from ssr_jax.ssr.gin_bindings import SUMMARY_FILE  # pylint: disable=import-outside-toplevel
-    path = os.path.join(model_dir, SUMMARY_FILE)
+    from ssr_jax.ssr import stats  # pylint: disable=import-outside-toplevel
+    path = os.path.join(model_dir, stats.SUMMARY_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        s = json.load(f)
-    line = (f"SSR: {s['ssr/valid_fill_rate']:.0%} of spans filled validly by the teacher, "
-            f"{s['ssr/exact_copy_rate']:.0%} exact copies, mean fill "
-            f"{s['ssr/mean_fill_length']:.1f} vs original {s['ssr/mean_original_length']:.1f} "
-            "tokens")
-    if "ssr/teacher_time_share" in s:
-        line += f", teacher {s['ssr/teacher_time_share']:.0%} of the step time"
-    return line
+        return f"SSR (the teacher's fills): {stats.describe(json.load(f))}"
 
 
 def main(argv: List[str]) -> int:
     args = _parse(argv)
     import tasks  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr import gin_bindings  # pylint: disable=import-outside-toplevel
     from ssr_jax import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
     from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
-    gin_bindings.register()
     out = os.path.abspath(os.path.expanduser(args.out_dir))
     teacher_dir, student_dir = os.path.join(out, "teacher"), os.path.join(out, "student")
     hf_dir = os.path.join(out, "student_hf")

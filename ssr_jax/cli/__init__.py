@@ -1,19 +1,24 @@
-"""`ssr-jax` console entry point: one subcommand per job, each owned by its module."""
+"""The edge: `ssr-jax COMMAND`, one module per command. Only this package imports gin,
+argparse or the `tasks` registrations; it turns flags and gin files into the plain values
+(frozen dataclasses) the library takes."""
 import importlib
 import sys
 
 # subcommand -> (module, function, one-line help). Modules load lazily so that
 # `ssr-jax --help` and light commands do not import jax/tensorflow.
 COMMANDS = {
-    "build-vocab": ("ssr_jax.vocab", "main", "train a SentencePiece vocabulary (T5 settings)"),
-    "export-hf": ("ssr_jax.hf.cli", "export_main", "write a checkpoint as a Hugging Face T5"),
-    "import-hf": ("ssr_jax.hf.cli", "import_main", "read a Hugging Face T5 into our params"),
-    "train": ("ssr_jax.train.main", "train_main", "train (gin: --gin_file, --gin.X=Y)"),
-    "eval": ("ssr_jax.train.main", "eval_main", "evaluate a checkpoint on a task"),
-    "infer": ("ssr_jax.train.main", "infer_main", "decode a task's inputs to JSONL"),
-    "generate-spans": ("ssr_jax.ssr.offline", "main", "write SSR-rewritten examples offline"),
-    "plan": ("ssr_jax.plan", "main", "memory and FLOPs per device before launch"),
-    "default-run": ("ssr_jax.default_run", "main", "the embedded end-to-end default run"),
+    "train": ("ssr_jax.cli.train", "main", "train (gin: --gin_file, --gin.X=Y)"),
+    "eval": ("ssr_jax.cli.eval", "main", "evaluate a checkpoint on a task"),
+    "infer": ("ssr_jax.cli.infer", "main", "decode a task's inputs to JSONL"),
+    "generate-spans": ("ssr_jax.cli.generate_spans", "main",
+                       "write SSR-rewritten examples offline"),
+    "plan": ("ssr_jax.cli.plan", "main", "memory and FLOPs per device before launch"),
+    "export-hf": ("ssr_jax.cli.hf", "export_main", "write a checkpoint as a Hugging Face T5"),
+    "import-hf": ("ssr_jax.cli.hf", "import_main", "read a Hugging Face T5 into our params"),
+    "default-run": ("ssr_jax.cli.default_run", "main", "the embedded end-to-end default run"),
+    "build-vocab": ("ssr_jax.cli.vocab", "main",
+                    "train a SentencePiece vocabulary (T5 settings)"),
+    "corpus": ("ssr_jax.cli.corpus", "main", "build or dump the embedded default corpus"),
 }
 
 
@@ -47,6 +52,3 @@ def main(argv=None) -> int:
         print(f"ssr-jax {name}: error: {first}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,14 @@
-"""Gin at the edge: registrations of library classes/functions under plain names, flag parsing
-and config parsing with one-line errors.
+"""The one gin registry: library classes and functions under plain names, config parsing
+and calls with one-line errors. The only module (with the rest of ssr_jax/cli/) that knows
+gin; the library takes the plain values gin builds.
 
-Library code never imports gin; entry points call `parse_flags`, `setup` and `call`.
 Registered names (also reachable as `ssr_jax.<name>`): T5Config, LossConfig, DecodeConfig,
-EncoderDecoderModel, Partitioner, DatasetConfig, CheckpointConfig, InputPipeline,
-PipelineInputStage, adafactor, adamw, rsqrt_schedule, constant_schedule, linear_schedule,
-cosine_schedule, train, evaluate, infer.
-
-Flags: --gin_file=F (repeatable), --gin.X=Y (repeatable; = a binding line `X = Y`),
---gin_bindings='X = Y' (repeatable), --gin_search_paths=a,b (the repository root and its gin/
-directory are always searched, after these).
+EncoderDecoderModel, Partitioner, DatasetConfig, CheckpointConfig, adafactor, adamw,
+rsqrt_schedule, constant_schedule, linear_schedule, cosine_schedule, TeacherConfig,
+SsrStageConfig, SpanCurriculum, train (the run spec: ssr_jax/cli/spec.py), ssr_online,
+ssr_offline (its `ssr`), evaluate, infer.
 """
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -20,9 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import gin
 
+from ssr_jax.cli.flags import Flags, parse_flags
 from ssr_jax.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = "ssr_jax"
 _REGISTERED: Dict[str, Callable] = {}
 _SEARCH_PATHS_ADDED: set = set()
@@ -30,35 +27,34 @@ _SEARCH_PATHS_ADDED: set = set()
 
 def _registrations() -> Dict[str, Callable]:
     # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli.spec import RunSpec
+    from ssr_jax.data.dataset import DatasetConfig
     from ssr_jax.models.base import DecodeConfig, LossConfig
     from ssr_jax.models.config import T5Config
     from ssr_jax.models.encoder_decoder import EncoderDecoderModel
     from ssr_jax.partitioning import Partitioner
+    from ssr_jax.ssr import spec as ssr_spec
+    from ssr_jax.ssr.curriculum import SpanCurriculum
+    from ssr_jax.ssr.stage import SsrStageConfig
+    from ssr_jax.ssr.teacher import TeacherConfig
     from ssr_jax.train import optimizers
     from ssr_jax.train.checkpoints import CheckpointConfig
     from ssr_jax.train.infer import infer
-    from ssr_jax.train.input_stage import DatasetConfig, PipelineInputStage
-    from ssr_jax.train.trainer import evaluate, train
-    entries = {
+    from ssr_jax.train.trainer import evaluate
+    return {
             "T5Config": T5Config, "LossConfig": LossConfig, "DecodeConfig": DecodeConfig,
             "EncoderDecoderModel": EncoderDecoderModel, "Partitioner": Partitioner,
             "DatasetConfig": DatasetConfig, "CheckpointConfig": CheckpointConfig,
-            "PipelineInputStage": PipelineInputStage.from_config,
             "adafactor": optimizers.adafactor, "adamw": optimizers.adamw,
             "rsqrt_schedule": optimizers.rsqrt_schedule,
             "constant_schedule": optimizers.constant_schedule,
             "linear_schedule": optimizers.linear_schedule,
             "cosine_schedule": optimizers.cosine_schedule,
-            "train": train, "evaluate": evaluate, "infer": infer,
+            "TeacherConfig": TeacherConfig, "SsrStageConfig": SsrStageConfig,
+            "SpanCurriculum": SpanCurriculum,
+            "train": RunSpec, "ssr_online": ssr_spec.online, "ssr_offline": ssr_spec.offline,
+            "evaluate": evaluate, "infer": infer,
     }
-    from ssr_jax.ssr import gin_bindings as ssr_gin
-    entries.update(ssr_gin.registrations())
-    try:
-        from ssr_jax.data.pipeline import InputPipeline
-        entries["InputPipeline"] = InputPipeline
-    except ImportError:
-        pass
-    return entries
 
 
 def register() -> Dict[str, Callable]:
@@ -67,49 +63,6 @@ def register() -> Dict[str, Callable]:
         for name, obj in _registrations().items():
             _REGISTERED[name] = gin.external_configurable(obj, name=name, module=MODULE)
     return _REGISTERED
-
-
-@dataclasses.dataclass
-class Flags:
-    gin_files: List[str]
-    bindings: List[str]
-    search_paths: List[str]
-    other: Dict[str, str]  # remaining --name=value flags, for the entry point to use
-
-
-def parse_flags(argv: Sequence[str], allowed_other: Sequence[str] = ()) -> Flags:
-    """Parses gin flags (and the entry point's own `allowed_other` flags)."""
-    flags = Flags([], [], [], {})
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}; use --gin_file=F, --gin.X=Y or "
-                            "--gin_search_paths=a,b.")
-        name, has_eq, value = arg[2:].partition("=")
-        if not has_eq and not name.startswith("gin."):
-            if i + 1 >= len(args):
-                raise UserError(f"flag --{name} needs a value.")
-            value, i = args[i + 1], i + 1
-        if name == "gin_file":
-            flags.gin_files.append(value)
-        elif name.startswith("gin."):
-            if not has_eq:
-                raise UserError(f"flag {arg!r} needs a value: --gin.X=Y.")
-            flags.bindings.append(f"{name[4:]} = {value}")
-        elif name == "gin_bindings":
-            flags.bindings.append(value)
-        elif name == "gin_search_paths":
-            flags.search_paths.extend(p for p in value.split(",") if p)
-        elif name in allowed_other:
-            flags.other[name] = value
-        else:
-            known = ["gin_file", "gin.X", "gin_bindings", "gin_search_paths", *allowed_other]
-            raise UserError(f"unknown flag --{name}; known flags: "
-                            + ", ".join("--" + k for k in known) + ".")
-        i += 1
-    return flags
 
 
 def _search_paths(flags: Flags) -> List[str]:
@@ -250,3 +203,78 @@ def query_macro(name: str) -> Optional[object]:
         return value
     except (ValueError, KeyError):
         return None
+
+
+def query(selector: str, default=None):
+    """The value gin would pass for `selector` (a configurable reference is called), or
+    `default` when it is unbound."""
+    try:
+        value = gin.query_parameter(selector)
+    except ValueError:
+        return default
+    for _ in range(10):  # macros may point at macros
+        if not isinstance(value, gin.config.ConfigurableReference):
+            return value
+        # pylint: disable-next=protected-access
+        value = value.scoped_configurable_fn() if value._evaluate else value.scoped_configurable_fn
+    return value
+
+
+def quiet_logs():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("absl", "orbax", "tensorflow", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def prepare(argv: Sequence[str], allowed_other: Sequence[str] = ()) -> Flags:
+    """What every gin-configured command does first: parse its flags, quiet the logs, parse
+    gin, then join the multi-process runtime (before anything touches jax devices)."""
+    from ssr_jax import distributed  # pylint: disable=import-outside-toplevel
+    flags = parse_flags(argv, allowed_other=(*distributed.FLAG_NAMES, *allowed_other))
+    quiet_logs()
+    setup(flags)
+    distributed.initialize(distributed.config_from_strings(flags.other))
+    return flags
+
+
+def run_command(kind: str, argv: Sequence[str], body: Callable[[], int]) -> int:
+    """A gin-configured command: prepare, write the parsed config beside MODEL_DIR's outputs
+    (process 0: config.gin for train, <kind>_config.gin otherwise), then run `body`. In a
+    multi-process run an error ends the process at once (distributed.fail_fast)."""
+    from ssr_jax import distributed  # pylint: disable=import-outside-toplevel
+    with distributed.fail_fast(f"ssr-jax {kind}"):
+        prepare(argv)
+        model_dir = query_macro("MODEL_DIR")
+        if isinstance(model_dir, str) and distributed.is_primary():
+            write_config(os.path.join(model_dir, "config.gin" if kind == "train"
+                                      else f"{kind}_config.gin"))
+        return body()
+
+
+def write_config(path: str) -> None:
+    """The parsed gin config, as gin writes it (process 0 calls this)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(gin.config_str())
+
+
+def t5config_from_gin(path: str, bindings: Sequence[str] = ()):
+    """The T5Config of the model a gin file binds to MODEL (gin/models/*/*.gin)."""
+    from ssr_jax.models.config import T5Config  # pylint: disable=import-outside-toplevel
+    setup(Flags([path], list(bindings), [], {}))
+    try:
+        ref = gin.query_parameter("%MODEL")
+    except ValueError:
+        ref = None
+    if not hasattr(ref, "scoped_configurable_fn"):
+        raise UserError(f"{path}: binds no MODEL = @.../EncoderDecoderModel(); use a file "
+                        "from gin/models/.")
+    scope = "/".join(ref.scopes)
+    try:
+        config_ref = gin.query_parameter(f"{scope + '/' if scope else ''}{ref.selector}.config")
+        config = config_ref.scoped_configurable_fn()
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{path}: MODEL has no T5Config bound to its 'config' ({e}).") from e
+    if not isinstance(config, T5Config):
+        raise UserError(f"{path}: MODEL.config is not a T5Config.")
+    return config

@@ -1,0 +1,44 @@
+"""The run spec: what gin's `train.*` bindings build, as one frozen dataclass.
+
+`ssr-jax train`, `generate-spans` and `plan` all read a run through it (gin registers it
+as `train`, so T5X-style bindings `train.model = %MODEL`, `train.train_steps = ...` fill it),
+and hand its plain values to the library: `train()` for training, the SSR spec for
+generate-spans, the model/optimizer/partitioner/dataset for the plan.
+"""
+import dataclasses
+from typing import Any, Dict, Optional
+
+from ssr_jax.data.dataset import DatasetConfig
+from ssr_jax.models.base import BaseModel
+from ssr_jax.partitioning import Partitioner
+from ssr_jax.ssr.spec import SsrSpec
+from ssr_jax.train.checkpoints import CheckpointConfig
+from ssr_jax.train.optimizers import Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A training run (see `ssr_jax.train.trainer.train` for each field) and its SSR."""
+
+    model: BaseModel
+    model_dir: str
+    train_dataset: DatasetConfig
+    train_steps: int
+    optimizer: Optimizer
+    partitioner: Partitioner
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval_dataset: Optional[DatasetConfig] = None
+    eval_every: int = 0
+    eval_steps: int = 20
+    log_every: int = 50
+    num_microbatches: int = 1
+    seed: int = 0
+    initial_checkpoint_path: Optional[str] = None
+    max_consecutive_nonfinite: int = 20
+    peak_flops_per_device: Optional[float] = None
+    ssr: Optional[SsrSpec] = None  # train.ssr = @ssr_online() / @ssr_offline()
+
+    def train_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of `train()` (everything but the SSR spec)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "ssr"}
