@@ -78,6 +78,9 @@ class BigramModel(BaseModel):
     def loss_fn(self, params, batch, dropout_rng):
         return self._sums(params, batch, dropout_rng)
 
+    def train_flops(self, batch_size, inputs_length, targets_length):
+        return 3 * 2.0 * batch_size * targets_length * self.d * VOCAB  # the output matmul
+
     def eval_fn(self, params, batch):
         return self._sums(params, batch, None)[1]
 
