@@ -6,15 +6,26 @@ STAMP   = $(VENV)/.installed
 RUN_DIR ?= runs/default
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench constraints clean
 
-$(STAMP): setup.py
+# Exact versions from constraints.txt (those the suite passes with), so a fresh machine
+# next year builds what was tested; `pip install` of the package alone keeps setup.py's ranges.
+$(STAMP): setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing ssr_jax and its dependencies into $(VENV) (log: $(VENV)/install.log)"
-	@$(PY) -m pip install -e '.[test,hf]' > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install -e '.[test,hf]' -c constraints.txt > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Kept current: after upgrading packages in $(VENV) and passing `make test`, rewrite the pins
+# from the venv (everything installed except ssr_jax itself) and commit constraints.txt.
+constraints:
+	@test -x $(PY) || (echo "no $(VENV); run make install first"; exit 1)
+	@(echo "# Exact versions \`make test\` passes with; \`make install\` installs these."; \
+	  echo "# Kept current: regenerate with \`make constraints\` (pip freeze of $(VENV))."; \
+	  $(PY) -m pip freeze --exclude-editable --exclude ssr_jax | LC_ALL=C sort -f) > constraints.txt
+	@echo "wrote constraints.txt ($$(grep -c '==' constraints.txt) pins)"
 
 # The main job end to end on the embedded default corpus.
 run: install

@@ -1,11 +1,12 @@
 """Benchmark 6 (GPU only): bf16 model FLOPs utilisation of our train step for T5 1.1 base and
 large on one accelerator.
 
-Model FLOPs: the analytic matmul count (ssr_jax.models.flops.t5_train_flops: projections, attention,
-output layer; forward + backward = 3x forward); MFU = model FLOPs / step time / the device's
-dense bf16 peak (ssr_jax.train.metrics.PEAK_FLOPS_BY_KIND). T5 pre-training shapes: 512
-inputs / 114 targets, packed-size batches of random ids, Adafactor, bf16 activations with
-fp32 params. On a machine without a GPU the table says so and nothing is measured.
+Model FLOPs: the analytic matmul count (ssr_jax.models.flops.t5_train_flops: projections,
+attention, output layer; forward + backward = 3x forward); MFU = model FLOPs / step time / the
+device's dense bf16 peak (the bf16 column of ssr_jax.train.metrics.PEAK_FLOPS_BY_KIND). T5
+pre-training shapes: 512 inputs / 114 targets, packed-size batches of random ids, Adafactor,
+bf16 activations with fp32 params. On a machine without a GPU the table says so and nothing
+is measured.
 """
 import os
 import sys

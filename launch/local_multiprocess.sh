@@ -17,8 +17,11 @@
 #                        others abort (default 60; ssr-jax's --heartbeat_timeout_s)
 #   STEP_TIMEOUT_S       exit when no training step finished for this long, e.g. a stuck
 #                        peer (default 1800, 3x for the first step; --step_timeout_s)
-#   MAX_RESTARTS         rerun the whole group this many times after a failure (default 0);
-#                        `train` resumes from the last checkpoint in MODEL_DIR
+#   MAX_RESTARTS         rerun the whole group this many times after a failure or a
+#                        preemption (default 0); `train` resumes from the last checkpoint in
+#                        MODEL_DIR. Statuses: 0 finished (stop), 2 bad input, e.g. a gin error
+#                        or a diverged run (stop: a rerun fails the same way), 75 preempted
+#                        (SIGTERM; checkpoint saved), 3 watchdog, 1 or a signal: restart
 #   KILL_GRACE_S         after one process fails, the others get SIGTERM, then SIGKILL after
 #                        this many seconds (default 30)
 # Each process gets SSR_JAX_COORDINATOR_ADDRESS / SSR_JAX_NUM_PROCESSES / SSR_JAX_PROCESS_ID
@@ -38,6 +41,15 @@ fi
 [ $# -ge 1 ] || { echo "usage: $0 COMMAND [flags...]" >&2; exit 2; }
 mkdir -p "$LOG_DIR"
 read -r -a ssr_jax_cmd <<< "$SSR_JAX"
+
+# Whether rerunning after this status can help (the statuses of ssr_jax.distributed).
+worth_restarting() {
+  case "$1" in
+    0) return 1 ;;  # finished
+    2) return 1 ;;  # bad input (a UserError): the same command fails the same way again
+    *) return 0 ;;  # 75 preempted, 3 watchdog, 1 error, 128+N killed: resume
+  esac
+}
 
 pids=()
 stop_all() {  # SIGTERM the processes still running; SIGKILL them after KILL_GRACE_S
@@ -73,7 +85,12 @@ run_group() {  # $1: attempt number; returns the first failing status (0 if all 
     alive=("${alive[@]}")
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
       status=$rc
-      echo "process with pid $done_pid failed (exit $rc); stopping the others" >&2
+      if [ "$rc" -eq 75 ]; then
+        echo "process with pid $done_pid was preempted (exit 75, checkpoint saved);" \
+             "stopping the others" >&2
+      else
+        echo "process with pid $done_pid failed (exit $rc); stopping the others" >&2
+      fi
       stop_all
     fi
   done
@@ -88,7 +105,7 @@ for ((attempt = 0; attempt <= MAX_RESTARTS; attempt++)); do
          "training resumes from the last checkpoint" >&2
   fi
   run_group "$attempt" "$@"; status=$?
-  [ "$status" -eq 0 ] && break
+  worth_restarting "$status" || break
 done
 tail -n 3 "$LOG_DIR/process_0.log"
 exit "$status"

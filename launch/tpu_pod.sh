@@ -21,8 +21,11 @@
 #                        (default 60)
 #   STEP_TIMEOUT_S       exit when no training step finished for this long (default 1800;
 #                        the first step gets 3x)
-#   MAX_RESTARTS         rerun on all workers this many times after a failure (default 0);
-#                        training resumes from the last checkpoint in MODEL_DIR
+#   MAX_RESTARTS         rerun on all workers this many times after a failure or a
+#                        preemption (default 0); training resumes from the last checkpoint in
+#                        MODEL_DIR. Statuses: 0 finished and 2 bad input (a gin error, a
+#                        diverged run) stop; 75 preempted (SIGTERM, checkpoint saved),
+#                        3 watchdog, 1 or a signal restart
 # Every worker runs the same command (JAX's multi-controller model) with
 # SSR_JAX_MULTIPROCESS=1: ssr_jax calls jax.distributed.initialize(), which finds the pod's
 # workers and the coordinator (worker 0) from the TPU metadata, so no coordinator flags are
@@ -40,6 +43,14 @@ project_flag=()
 ssh_all() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${project_flag[@]}" \
     --worker=all --command="$1"
+}
+# Whether rerunning after this status can help (the statuses of ssr_jax.distributed).
+worth_restarting() {
+  case "$1" in
+    0) return 1 ;;  # finished
+    2) return 1 ;;  # bad input (a UserError): the same command fails the same way again
+    *) return 0 ;;  # 75 preempted, 3 watchdog, 1 error, 128+N killed: resume
+  esac
 }
 stop_all() {  # the run's own process on each worker, by the pid it recorded
   ssh_all "if [ -f $PID_FILE ]; then kill \$(cat $PID_FILE) 2>/dev/null; rm -f $PID_FILE; fi; true"
@@ -73,11 +84,12 @@ SSR_JAX_STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-} .venv/bin/ssr-jax $cmd$args"
       [ "$status" -eq 0 ] && break
       # Survivors abort within HEARTBEAT_TIMEOUT_S; make sure none is left before rerunning.
       stop_all || true
-      if [ "$attempt" -ge "$MAX_RESTARTS" ]; then
-        echo "ssr-jax $cmd failed on the pod (exit $status)" >&2
+      if [ "$status" -eq 75 ]; then what="was preempted"; else what="failed"; fi
+      if [ "$attempt" -ge "$MAX_RESTARTS" ] || ! worth_restarting "$status"; then
+        echo "ssr-jax $cmd $what on the pod (exit $status)" >&2
         exit "$status"
       fi
-      echo "ssr-jax $cmd failed (exit $status); restart $((attempt + 1)) of $MAX_RESTARTS" \
+      echo "ssr-jax $cmd $what (exit $status); restart $((attempt + 1)) of $MAX_RESTARTS" \
            "resumes from the last checkpoint" >&2
     done ;;
 esac

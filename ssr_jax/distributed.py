@@ -45,6 +45,10 @@ FIRST_STEP_TIMEOUT_FACTOR = 3.0
 EXIT_ERROR = 1  # an exception in a multi-process run (fail_fast)
 EXIT_USER_ERROR = 2  # a UserError, as the CLI returns it
 EXIT_WATCHDOG = 3  # no step finished in time
+# A preempted run (SIGTERM, or the hosts agreed to stop) saved its checkpoint and stopped
+# early: rerunning the same command resumes it. EX_TEMPFAIL ("try again"), distinct from 0
+# (finished) so that the launchers' MAX_RESTARTS loops restart it.
+EXIT_PREEMPTED = 75
 
 # --name flags every multi-process-capable entry point accepts (the edge parses them).
 FLAG_NAMES = ("coordinator_address", "num_processes", "process_id", "local_device_ids",

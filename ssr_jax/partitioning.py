@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -254,7 +255,11 @@ class Partitioner:
         hosts) get the same shard index and must read the same examples.
         """
         shards = self.num_batch_shards
-        if global_batch_size <= 0 or global_batch_size % (shards * num_microbatches):
+        if (isinstance(global_batch_size, bool)
+                or not isinstance(global_batch_size, numbers.Integral) or global_batch_size <= 0):
+            raise UserError(f"BATCH_SIZE={global_batch_size!r} must be a positive integer "
+                            f"(a multiple of {shards * num_microbatches} on this mesh).")
+        if global_batch_size % (shards * num_microbatches):
             raise UserError(
                     f"BATCH_SIZE={global_batch_size} is not divisible by the batch mesh axes "
                     f"{self.batch_mesh_axes or '(none)'} of size {shards}"

@@ -59,8 +59,27 @@ def test_restore_onto_a_different_mesh_with_data_state(tmp_path):
         assert json.load(f) == {"d_model": 16}
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "deleted_metadata"])
-def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path, capsys, damage):
+# garbage_data: the array data files only, metadata intact (TensorStore reads and fails).
+DAMAGES = ["truncated", "garbage", "deleted_metadata", "garbage_data"]
+
+
+def _damage(step_dir, damage):
+    for f in glob.glob(os.path.join(str(step_dir), "params", "**", "*"), recursive=True):
+        if not os.path.isfile(f):
+            continue
+        if damage == "truncated":
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 3)
+        elif damage == "garbage" or (damage == "garbage_data" and os.path.dirname(f).endswith(
+                os.path.join("params", "d"))):
+            with open(f, "wb") as fh:
+                fh.write(b"\x00not a checkpoint")
+        elif damage == "deleted_metadata" and os.path.basename(f) == "_METADATA":
+            os.remove(f)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path, capfd, damage):
     part = Partitioner({"data": 8})
     s2, shardings = _state(part, step=2, seed=2)
     s4, _ = _state(part, step=4, seed=4)
@@ -68,30 +87,66 @@ def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path,
     saver.save(s2, {"position": 2})
     saver.save(s4, {"position": 4})
     saver.close()
-    for f in glob.glob(str(tmp_path / "4" / "params" / "**" / "*"), recursive=True):
-        if not os.path.isfile(f):
-            continue
-        if damage == "truncated":
-            with open(f, "r+b") as fh:
-                fh.truncate(os.path.getsize(f) // 3)
-        elif damage == "garbage":
-            with open(f, "wb") as fh:
-                fh.write(b"\x00not a checkpoint")
-        elif os.path.basename(f) == "_METADATA":
-            os.remove(f)
+    _damage(tmp_path / "4", damage)
+    capfd.readouterr()
     abstract = ts.abstract_state(BigramModel(), optimizers.adafactor(0.1))
     restored, data_state = _checkpointer(tmp_path).restore_latest(abstract, shardings)
     assert int(restored.step) == 2 and data_state == {"position": 2}
     _assert_same(restored.params, s2.params)
-    warnings = [ln for ln in capsys.readouterr().out.splitlines() if "unreadable" in ln]
-    assert warnings and "checkpoint step 4" in warnings[0] and "falling back to step 2" in \
-        warnings[0]
+    captured = capfd.readouterr()
+    lines = [ln for ln in (captured.out + captured.err).splitlines() if ln.strip()]
+    # Exactly one line, naming the step, the fallback and where it was moved; no spec dumps.
+    assert len(lines) == 1, lines
+    assert "checkpoint step 4" in lines[0] and "falling back to step 2" in lines[0]
+    assert "4.corrupt-" in lines[0] and len(lines[0]) < 600, lines[0]
     assert glob.glob(str(tmp_path / "4.corrupt-*"))  # moved aside, not deleted
     # Training continues and can save step 4 again.
     saver = _checkpointer(tmp_path)
     saver.save(s4, {"position": 4})
     saver.close()
     assert saver.all_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_all_checkpoints_unreadable_is_refused_every_time_and_nothing_moved(tmp_path, capfd,
+                                                                             damage):
+    part = Partitioner({"data": 8})
+    s2, shardings = _state(part, step=2, seed=2)
+    s4, _ = _state(part, step=4, seed=4)
+    saver = _checkpointer(tmp_path)
+    saver.save(s2, {"position": 2})
+    saver.save(s4, {"position": 4})
+    saver.close()
+    for step in (2, 4):
+        _damage(tmp_path / str(step), damage)
+    before = sorted(os.listdir(tmp_path))
+    abstract = ts.abstract_state(BigramModel(), optimizers.adafactor(0.1))
+    capfd.readouterr()
+    for _ in range(2):  # the rerun must refuse too, not start from step 0
+        with pytest.raises(UserError) as e:
+            _checkpointer(tmp_path).restore_latest(abstract, shardings)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and len(message) < 1000, message
+        assert "no readable checkpoint" in message and "step 4 (" in message and \
+            "step 2 (" in message, message
+        assert sorted(os.listdir(tmp_path)) == before
+        assert not glob.glob(str(tmp_path / "*.corrupt-*"))
+    captured = capfd.readouterr()
+    noise = [ln for ln in (captured.out + captured.err).splitlines() if ln.strip()]
+    assert not noise, noise[:5]
+
+
+def test_tensorstore_errors_are_cut_to_one_readable_line():
+    spec = ('{"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": {"driver": "file", '
+            '"path": "/ckpt/4/params/"}, "path": "embed.embedding"}, "metadata": {"shape": '
+            '[64, 16]}}' * 20)
+    e = ValueError(f"DATA_LOSS: Error reading {spec}: unexpected end of data\n{spec}")
+    assert ckpt._first_line(e) == ("ValueError: DATA_LOSS: Error reading "
+                                   "(file /ckpt/4/params/embed.embedding)")
+    e = Exception("Encountered error while reading array index: (slice(0, 32, 1),). See full "
+                  "TensorStore details: <bound method spec of TensorStore>")
+    assert ckpt._first_line(e) == ("Exception: Encountered error while reading array index: "
+                                   "(slice(0, 32, 1),).")
 
 
 def test_no_readable_checkpoint_and_wrong_model_are_user_errors(tmp_path):
@@ -109,7 +164,7 @@ def test_no_readable_checkpoint_and_wrong_model_are_user_errors(tmp_path):
         _checkpointer(tmp_path / "a").restore_latest(wide_abstract, wide_shardings)
     assert os.path.isdir(tmp_path / "a" / "3")
     os.remove(tmp_path / "a" / "3" / "params" / "_METADATA")
-    with pytest.raises(UserError, match=r"no readable checkpoint in .*tried steps \[3\]"):
+    with pytest.raises(UserError, match=r"no readable checkpoint in .*: step 3 \("):
         _checkpointer(tmp_path / "a").restore_latest(
                 ts.abstract_state(BigramModel(), opt), shardings)
 
@@ -163,7 +218,8 @@ def _env(cache_dir):
 
 
 def _losses(model_dir):
-    """step -> set of losses logged for it (a resumed run logs some steps twice)."""
+    """step -> the losses logged for it (a resumed run drops the lines past its checkpoint,
+    so each step is logged once)."""
     by_step = {}
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         for line in f:
@@ -171,7 +227,7 @@ def _losses(model_dir):
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by SIGKILL
                 continue
-            by_step.setdefault(row["step"], set()).add(row["loss"])
+            by_step.setdefault(row["step"], []).append(row["loss"])
     return by_step
 
 

@@ -130,19 +130,27 @@ def test_cli_import_then_export_checkpoint(exported, spm_model, tmp_path):
     assert loaded_config == config
     assert_identical(params, loaded)
     again = str(tmp_path / "again")
+    # No --vocab: the tokenizer comes from the vocabulary the checkpoint records.
     assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", again]) == 0
     params3, config3 = import_hf(again)
     assert config3 == config
     assert_identical(params, params3)
-    # --params_npz with a JSON model config.
+    tok = transformers.AutoTokenizer.from_pretrained(again)
+    assert tok.convert_tokens_to_ids("<extra_id_0>") == get_vocabulary(spm_model).vocab_size - 1
+    # --params_npz with a JSON model config: no vocabulary is known, so --vocab (or
+    # --no_tokenizer) is needed.
     npz, cfg_json = str(tmp_path / "p.npz"), str(tmp_path / "model.json")
     hf_cli.save_params_npz(params, npz)
     with open(cfg_json, "w") as f:
         json.dump(stored, f)
     third = str(tmp_path / "third")
+    with pytest.raises(UserError, match=r"p\.npz records no vocabulary .*--vocab"):
+        hf_cli.export_main(["--params_npz", npz, "--model_config", cfg_json, "--out", third])
+    assert not os.path.exists(third)
     assert cli.main(["export-hf", "--params_npz", npz, "--model_config", cfg_json,
-                     "--out", third]) == 0
+                     "--no_tokenizer", "--out", third]) == 0
     assert_identical(params, import_hf(third)[0])
+    assert not os.path.exists(os.path.join(third, "spiece.model"))
 
 
 def test_pytorch_bin_is_loaded_safely(exported, tmp_path):

@@ -288,6 +288,37 @@ def test_loss_gradient_and_minimum():
     assert float(jnp.min(elsewhere)) > 0
 
 
+def test_token_accuracy_is_argmax_accuracy_ties_included():
+    """correct_sum counts a token iff argmax (first index of the max) is its target: a tie
+    for the top is a hit only for the first tied index, as jnp.argmax decides."""
+    weights = jnp.ones((2, 5), jnp.float32)
+    # A collapsed model (every logit equal): argmax is id 0, never a real target.
+    flat = jnp.zeros((2, 5, 11), jnp.float32)
+    targets = jnp.asarray(np.arange(1, 11).reshape(2, 5))
+    assert float(losses.summed_metrics(flat, targets, weights)[1]["correct_sum"]) == 0.0
+    # ... and with every logit -inf too; id 0 (argmax) is the only hit.
+    dead = jnp.full((1, 2, 11), -jnp.inf)
+    assert float(losses.summed_metrics(dead, jnp.asarray([[0, 3]]), None,
+                                       )[1]["correct_sum"]) == 0.0  # weights: target > 0
+    assert float(losses.summed_metrics(dead, jnp.asarray([[0, 3]]), jnp.ones((1, 2)),
+                                       )[1]["correct_sum"]) == 1.0
+    rng = np.random.RandomState(7)
+    # Logits from a few levels: many ties for the top, targets often among the tied ids.
+    logits = rng.randint(0, 3, (6, 9, 13)).astype(np.float32)
+    targets = rng.randint(0, 13, (6, 9))
+    targets[:3] = logits[:3].argmax(-1)  # hits, some of them first of a tie
+    tied = (logits == logits.max(-1, keepdims=True)).sum(-1) > 1
+    last_tied = 12 - np.argmax(logits[..., ::-1] == logits.max(-1, keepdims=True), -1)
+    targets[3:] = np.where(tied[3:], last_tied[3:], targets[3:])  # ties, not the first
+    w = rng.rand(6, 9).astype(np.float32)
+    expected = float(((logits.argmax(-1) == targets) * w).sum())
+    got = float(losses.summed_metrics(jnp.asarray(logits), jnp.asarray(targets),
+                                      jnp.asarray(w))[1]["correct_sum"])
+    assert tied.sum() > 10 and got == pytest.approx(expected, rel=1e-6)
+    assert expected < float(((logits[np.arange(6)[:, None], np.arange(9), targets]
+                              == logits.max(-1)) * w).sum())  # ">= max" would count more
+
+
 def test_dropout_is_random_in_rng_and_off_without():
     config = dataclasses.replace(TINY, dropout_rate=0.2, num_encoder_layers=1,
                                  num_decoder_layers=1)

@@ -276,6 +276,60 @@ def test_local_multiprocess_script_stops_the_group_and_restarts_it(tmp_path):
     assert "process 0 step 8" in restarted.stdout
 
 
+# Stand-ins for ssr-jax, srun and gcloud: the launchers' restart decisions without a cluster.
+_STAND_IN = """#!/usr/bin/env bash
+# ssr-jax: exits with the next of $STATUSES, one per run (runs are lines of $RUNS_FILE).
+echo "$*" >> "$RUNS_FILE"
+statuses=($STATUSES)
+n=$(wc -l < "$RUNS_FILE")
+exit "${statuses[$((n - 1))]}"
+"""
+_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+_GCLOUD = """#!/usr/bin/env bash
+for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done
+case "$cmd" in *bin/ssr-jax*) exec "$STAND_IN" ;; *) exit 0 ;; esac
+"""
+
+
+def _executable(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("launcher", ["local_multiprocess.sh", "gpu_slurm.sbatch",
+                                      "tpu_pod.sh"])
+@pytest.mark.parametrize("statuses,max_restarts,final,runs", [
+        ("75 0", 3, 0, 2),  # preempted (SIGTERM): rerun, then finished
+        ("75 3 1 0", 3, 0, 4),  # preempted, watchdog, error: each rerun
+        ("2 0", 3, 2, 1),  # bad input: a rerun would fail the same way
+        ("0", 3, 0, 1),  # finished: stop
+        ("75 75 0", 1, 75, 2),  # the restart budget is spent
+])
+def test_launchers_restart_a_preempted_or_failed_run_and_stop_when_done(
+        tmp_path, launcher, statuses, max_restarts, final, runs):
+    stand_in = _executable(tmp_path / "venv" / "bin" / "ssr-jax", _STAND_IN)
+    fake_bin = tmp_path / "bin"
+    _executable(fake_bin / "srun", _SRUN)
+    _executable(fake_bin / "gcloud", _GCLOUD)
+    env = dict(os.environ, STATUSES=statuses, RUNS_FILE=str(tmp_path / "runs"),
+               MAX_RESTARTS=str(max_restarts), STAND_IN=stand_in, SSR_JAX=stand_in,
+               NUM_PROCESSES="1", LOG_DIR=str(tmp_path / "logs"), KILL_GRACE_S="1",
+               VENV=str(tmp_path / "venv"), TPU_NAME="pod", ZONE="zone",
+               PATH=f"{fake_bin}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", launcher), "train",
+                           "--gin.TRAIN_STEPS=5"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == final, proc.stdout + proc.stderr
+    assert len((tmp_path / "runs").read_text().splitlines()) == runs, proc.stderr
+    if statuses.startswith("75") and runs > 1:
+        assert "preempted" in proc.stderr
+
+
 # --- configuration (no subprocess) -------------------------------------------------------------
 def test_flags_environment_and_watchdog_configuration(monkeypatch):
     for k in [k for k in os.environ if k.startswith("SSR_JAX_")]:

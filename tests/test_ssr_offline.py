@@ -137,7 +137,18 @@ def test_generate_spans_command(tmp_path, capsys, teacher_dir):
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert len(read_all(out)) == 2 * 4
     assert os.path.isfile(os.path.join(out, "generate_config.gin"))
-    assert "generate-spans: done" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "generate-spans: done" in printed
+    # The progress file counts every span as exactly one kind; the line shows each share.
+    stats = json.load(open(os.path.join(out, offline.progress_name(0, 1))))["stats"]
+    kinds = ("nonempty_fills", "empty_fills", "fallbacks", "truncated")
+    assert "valid_fills" not in stats and stats["spans"] > 0
+    assert sum(stats[k] for k in kinds) == stats["spans"]
+    done = next(line for line in printed.splitlines() if "generate-spans: done" in line)
+    spans = stats["spans"]
+    words = ("filled", "empty fills", "fallbacks", "fills dropped for length")
+    for k, word in zip(kinds, words):
+        assert f"{stats[k] / spans:.1%} {word}" in done, (k, done)
     assert cli.main(argv[:-1] + ["--gin.ssr_offline.chunk_steps=2"]) == 2
     assert "other settings" in capsys.readouterr().err
 
@@ -165,3 +176,52 @@ def test_one_pass_generation_writes_every_example_of_the_split_once(tmp_path, te
     stored = read_all(out)
     assert record["complete"] and record["examples"] == len(stored) == len(split) > 8
     assert [t for _, t in stored] == [tuple(ex["targets"]) for ex in split]
+
+
+def test_training_past_the_generated_steps_is_refused_before_step_1(tmp_path, teacher_dir):
+    """TRAIN_STEPS beyond the steps generate-spans wrote: a UserError naming both numbers
+    and the fix from input_stage_factory (before anything is built) and offline_stage,
+    not a StopIteration once training has started."""
+    from ssr_jax.ssr import spec as ssr_spec
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    out = str(tmp_path / "spans")
+    offline.generate_spans(teacher=tl.TeacherConfig(teacher_dir), dataset=dataset(),
+                           output_dir=out, partitioner=partitioner, ssr=config(k=0),
+                           num_steps=2, student_vocab_size=VOCAB)
+    spec = ssr_spec.offline(out, config(k=0))
+    with pytest.raises(UserError, match=r"holds 2 steps, fewer than TRAIN_STEPS=3; .*"
+                                        r"generate-spans.* or lower TRAIN_STEPS to 2\.$"):
+        ssr_spec.input_stage_factory(spec, dataset(), train_steps=3)
+    with pytest.raises(UserError, match="holds 2 steps, fewer than TRAIN_STEPS=3"):
+        offline.offline_stage(dataset(), partitioner, 1, out, config(k=0), train_steps=3)
+    # Exactly the steps written: accepted, and every one of them is there.
+    stage = ssr_spec.input_stage_factory(spec, dataset(), train_steps=2)(dataset(), partitioner)
+    for _ in range(2):
+        stage.start_next().result()
+    with pytest.raises(StopIteration):
+        stage.start_next()
+    stage.close()
+
+    # One pass of a split (num_steps None): the steps are the examples written (per the
+    # progress files) over the examples a step takes, counted against the files themselves.
+    manifest_path = os.path.join(out, offline.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    manifest["num_steps"] = None
+    json.dump(manifest, open(manifest_path, "w"))
+    per_step = manifest["ssr_examples_per_step"]
+    assert len(read_all(out)) == 2 * per_step == 16
+    ssr_spec.input_stage_factory(spec, dataset(), train_steps=2)
+    progress_path = os.path.join(out, offline.progress_name(0, 1))
+    record = json.load(open(progress_path))
+    record["examples"] = 2 * per_step - 1  # a short last step is no step
+    json.dump(record, open(progress_path, "w"))
+    with pytest.raises(UserError, match="holds 1 steps, fewer than TRAIN_STEPS=2"):
+        ssr_spec.input_stage_factory(spec, dataset(), train_steps=2)
+    # Two writers of 15 and 32 examples (4 a step each): read as written, writer 0's 15
+    # give 3 steps; read by 4 readers, reader j takes examples j, j+4, ... of all 47.
+    two = {**manifest, "num_shards": 2}
+    records = [{"examples": 15}, {"examples": 32}]
+    assert offline.available_steps(two, records) == 15 // 4 == 3
+    assert offline.available_steps(two, records, readers=1) == 47 // 8
+    assert offline.available_steps(two, records, readers=4) == min(
+            len(range(j, 47, 4)) // 2 for j in range(4)) == 5

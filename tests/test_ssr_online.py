@@ -119,7 +119,8 @@ def test_perfect_teacher_restores_the_original_text(vocabulary):
             np.testing.assert_array_equal(inputs, ex["inputs"])
             np.testing.assert_array_equal(targets, ex["targets"])
     metrics = stage.pop_metrics()
-    assert metrics["ssr/valid_fill_rate"] == 1.0 and metrics["ssr/exact_copy_rate"] == 1.0
+    assert metrics["ssr/nonempty_fill_rate"] == 1.0 and metrics["ssr/exact_copy_rate"] == 1.0
+    assert metrics["ssr/empty_fill_rate"] == metrics["ssr/fallback_rate"] == 0.0
     assert metrics["ssr/fill_to_original_length"] == pytest.approx(1.0)
     stage.close()
 
@@ -199,7 +200,8 @@ def test_real_sampler_gives_well_formed_examples(teacher_dir, vocabulary):
             sentinel_layout_holds(inputs, targets, ex["inputs"])
             assert len(inputs) <= 32
     metrics = stage.pop_metrics()
-    assert metrics["ssr/spans"] > 0 and 0.0 <= metrics["ssr/valid_fill_rate"] <= 1.0
+    assert metrics["ssr/spans"] > 0 and sum(metrics[f"ssr/{k}_rate"] for k in (
+            "nonempty_fill", "empty_fill", "fallback", "truncated")) == pytest.approx(1.0)
     assert 0.0 < metrics["ssr/teacher_time_share"] <= 1.0
     stage.close()
 

@@ -154,7 +154,8 @@ def test_rewrite_design_example(vocab):
     assert vocab.decode(rows[0].tolist()) == ("The <extra_id_0> big red <extra_id_1> fox jumps "
                                               "over the <extra_id_1> sleepy <extra_id_2> dog")
     assert rows[0][-1] == EOS
-    assert (stats.spans, stats.valid_fills, stats.fallbacks, stats.exact_copies) == (2, 2, 0, 0)
+    assert (stats.spans, stats.nonempty_fills, stats.empty_fills, stats.fallbacks,
+            stats.exact_copies) == (2, 2, 0, 0, 0)
     assert stats.original_spans == 2
     assert stats.original_tokens == len(p[" quick brown"]) + len(p[" lazy"])
     spaced = re.sub(r"\s*(<extra_id_\d+>)\s*", r" \1 ", vocab.decode(target[:-1])).split()
@@ -174,22 +175,24 @@ def student(f0, f1, f2):
     return [5, X(0)] + f0 + [X(1), 6, X(1)] + f1 + [X(2), 7, X(2)] + f2 + [X(3), 8, EOS]
 
 
-@pytest.mark.parametrize("teacher_out,fills,valid", [
-    ([X(0), 20, X(1), 21, 22, X(2), 23, X(3)], ([20], [21, 22], [23]), 3),  # well formed
-    ([X(0), 20, X(2), 23, X(3)], ([], [], [23]), 1),  # skipped <x1>
-    ([X(1), 21, X(0), 20, X(1)], ([20], [], []), 1),  # out of order
-    ([X(0), 20, X(1), 21, X(2), 23, 24], ([20], [21], []), 2),  # ran out of length
-    ([X(0), 20, X(1), EOS, 21, X(2)], ([20], [], []), 1),  # EOS ends the output
-    ([], ([], [], []), 0),  # nothing
-    ([20, 21, 22], ([], [], []), 0),  # no sentinel at all
-    ([X(0), X(1), 21, X(2), X(3)], ([], [21], []), 3),  # empty fills are valid
-    ([X(0), 20, X(1), 21, VS + 5, X(2)], ([20], [], []), 1),  # id beyond the vocabulary
-    ([X(0), 20, X(1), X(0), 30, X(1), 21, X(2)], ([20], [21], []), 2),  # first occurrence
+@pytest.mark.parametrize("teacher_out,fills,nonempty,empty", [
+    ([X(0), 20, X(1), 21, 22, X(2), 23, X(3)], ([20], [21, 22], [23]), 3, 0),  # well formed
+    ([X(0), 20, X(2), 23, X(3)], ([], [], [23]), 1, 0),  # skipped <x1>
+    ([X(1), 21, X(0), 20, X(1)], ([20], [], []), 1, 0),  # out of order
+    ([X(0), 20, X(1), 21, X(2), 23, 24], ([20], [21], []), 2, 0),  # ran out of length
+    ([X(0), 20, X(1), EOS, 21, X(2)], ([20], [], []), 1, 0),  # EOS ends the output
+    ([], ([], [], []), 0, 0),  # nothing
+    ([20, 21, 22], ([], [], []), 0, 0),  # no sentinel at all
+    ([X(0), X(1), 21, X(2), X(3)], ([], [21], []), 1, 2),  # empty fills: well formed
+    ([X(0), 20, X(1), 21, VS + 5, X(2)], ([20], [], []), 1, 0),  # id beyond the vocabulary
+    ([X(0), 20, X(1), X(0), 30, X(1), 21, X(2)], ([20], [21], []), 2, 0),  # first occurrence
+    ([X(0), X(1), X(0), 30, X(1), X(2)], ([], [], []), 0, 2),  # first occurrence: empty
 ])
-def test_rewrite_fallbacks(teacher_out, fills, valid):
+def test_rewrite_fallbacks(teacher_out, fills, nonempty, empty):
     row, stats = rewrite_one(teacher_out)
     assert row == student(*fills)
-    assert stats.spans == 3 and stats.valid_fills == valid and stats.fallbacks == 3 - valid
+    assert (stats.spans, stats.nonempty_fills, stats.empty_fills, stats.fallbacks,
+            stats.truncated) == (3, nonempty, empty, 3 - nonempty - empty, 0)
 
 
 def test_rewrite_max_length_drops_last_fills():
@@ -198,6 +201,7 @@ def test_rewrite_max_length_drops_last_fills():
     row, stats = rewrite_one(out, max_length=len(full) - 1)
     assert row == student([20, 20], [21, 21], [])
     assert stats.truncated == 1 and len(row) <= len(full) - 1
+    assert (stats.nonempty_fills, stats.empty_fills, stats.fallbacks) == (2, 0, 0)
     row, stats = rewrite_one(out, max_length=5)  # cannot fit even empty fills: cut, EOS kept
     assert len(row) == 5 and row[-1] == EOS and stats.overlong_inputs == 1
 
@@ -211,7 +215,47 @@ def test_rewrite_pads_and_counts_copies():
     assert padded[0].tolist()[:len(student([30], [31, 99], [33]))] == student([30], [31, 99],
                                                                               [33])
     assert stats.exact_copies == 4 and (stats.original_spans, stats.original_tokens) == (6, 8)
-    assert stats.summary()["ssr/valid_fill_rate"] == 1.0
+    assert stats.summary()["ssr/nonempty_fill_rate"] == 1.0
+    assert stats.summary()["ssr/exact_copy_rate"] == 4 / 6
+
+
+def test_rewrite_stats_count_each_kind_of_span_apart():
+    """Hand-built teacher outputs with known counts: a non-empty fill, an empty fill
+    (`<x_k> <x_k+1>`), a fallback (no well-formed fill) and a fill dropped for length are
+    four kinds; their shares add up to 1 and describe() names each."""
+    from ssr_jax.ssr import stats as stats_lib
+    target = [30, X(1), 31, X(2), 33, X(3), EOS]
+    outs = [[X(0), 30, X(1), 31, 32, X(2), X(3)],  # copy, non-empty, empty
+            [X(0), X(1), X(2), 40, X(3)],  # empty, empty, non-empty
+            [X(0), 30, X(1), 50, X(3), X(2), 41, 42, X(3)],  # copy, fallback, non-empty
+            [X(0), 20, 20, 20, X(1), 21, 21, 21, X(2), 22, 22, 22, X(3)]]  # last ones cut
+    width = max(map(len, outs))
+    tout = np.array([o + [0] * (width - len(o)) for o in outs])
+    # With empty fills a row is 7 + 3 + 1 = 11 tokens; row 4's fills add 9, and 14 leaves
+    # room for its first fill only (rows 1-3 fit).
+    rows, stats = sp.rewrite_batch(np.array([TIN] * 4), tout, VS, max_length=14,
+                                   targets=np.array([target] * 4))
+    assert rows[3].tolist() == student([20, 20, 20], [], [])
+    assert (stats.spans, stats.nonempty_fills, stats.empty_fills, stats.fallbacks,
+            stats.truncated) == (12, 6, 3, 1, 2)
+    assert stats.exact_copies == 2 and stats.fill_tokens == 1 + 2 + 1 + 1 + 2 + 3
+    s = stats.summary()
+    assert "ssr/valid_fill_rate" not in s
+    shares = [s[f"ssr/{k}_rate"] for k in ("nonempty_fill", "empty_fill", "fallback",
+                                           "truncated")]
+    assert shares == [6 / 12, 3 / 12, 1 / 12, 2 / 12]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-12)
+    assert s["ssr/exact_copy_rate"] == 2 / 6 and s["ssr/mean_fill_length"] == 10 / 6
+    line = stats_lib.describe(s)
+    for part in ("12 spans", "50.0% filled", "25.0% empty fills", "8.3% fallbacks",
+                 "16.7% fills dropped for length", "33.3% exact copies", "mean 1.67 tokens",
+                 "vs 1.00 original"):
+        assert part in line, (part, line)
+    # Progress files (to_json/from_json) keep every kind; merge adds them.
+    again = sp.RewriteStats.from_json(stats.to_json())
+    assert again == stats and again.merge(stats).empty_fills == 6
+    with pytest.raises(sp.UserError, match="older ssr-jax"):
+        sp.RewriteStats.from_json({"spans": 3, "valid_fills": 3}, "progress-00000-of-00001.json")
 
 
 def strip_sentinels(row, vs):
@@ -294,7 +338,7 @@ def test_rewrite_speed():
     t0 = time.perf_counter()
     rows, stats = sp.rewrite_batch(tin, tout, VS, pad_to=160)
     rate = b / (time.perf_counter() - t0)
-    assert stats.valid_fills == 8 * b
+    assert stats.nonempty_fills == 8 * b
     assert rate > 5000, f"{rate:.0f} examples/s"
 
 

@@ -259,3 +259,186 @@ def test_metrics():
         pytest.approx(100.0)
     assert metrics.bleu(["the cat sat on the mat"], ["a dog ran"])["bleu"] < 10
     assert metrics.exact_match([" a", "b"], ["a", "c"])["exact_match"] == 50.0
+
+
+def test_unknown_task_suggests_close_names_and_the_task_module(tasks_module):
+    with pytest.raises(UserError) as err:
+        pipeline("ssr_default_span_corruptoin")
+    msg = str(err.value)
+    assert "did you mean 'ssr_default_span_corruption'" in msg
+    assert "MIXTURE_OR_TASK_MODULE" in msg and "PYTHONPATH" in msg
+    with pytest.raises(UserError, match=r"\d+ registered, e\.g\. .*MIXTURE_OR_TASK_MODULE"):
+        pipeline("zzzz_nothing_like_it")
+    with pytest.raises(UserError, match="MIXTURE_OR_TASK_MODULE='tasks' was imported but "
+                                        "registers no such name"):
+        pipeline("zzzz_nothing_like_it", module="tasks")
+
+
+def read_source(name, split="train"):
+    source = seqio.get_mixture_or_task(name).source
+    return [{k: v.decode() for k, v in ex.items()}
+            for ex in source.get_dataset(split, shuffle=False).as_numpy_iterator()]
+
+
+def test_tsv_task_by_header_name_and_by_index(tasks_module, tmp_path, cache_dir, caplog):
+    from ssr_jax.data import factories
+    rows = [f"{i}\t{TEXT} ({i})\tsorting {i}" for i in range(10)]
+    rows.insert(2, "# a comment line, dropped by the line filter")
+    rows.insert(4, "only\ttwo columns")
+    rows.insert(6, "")
+    lines = ["id\tdocument\tsummary"] + rows
+    path = write(tmp_path / "data.tsv", "\n".join(lines).encode())
+    vocab = tasks_module.default_vocabulary()
+    with caplog.at_level(logging.WARNING):
+        factories.register_tsv_task("user_tsv", {"train": path}, vocab,
+                                    inputs_column="document", targets_column="summary",
+                                    line_filter=r"^#", cache_dir=cache_dir, overwrite=True)
+        got = read_source("user_tsv")
+    # Independently: the data lines with three columns that are not comments.
+    expect = [l.split("\t") for l in lines[1:] if l and not l.startswith("#")
+              and len(l.split("\t")) == 3]
+    assert [(ex["inputs"], ex["targets"]) for ex in got] == [(e[1], e[2]) for e in expect]
+    assert len(got) == 10
+    bad_line = lines.index("only\ttwo columns") + 1
+    assert f"{path}:{bad_line}: 2 tab-separated columns, no column 'summary'" in caplog.text
+    assert seqio.get_mixture_or_task("user_tsv").source.num_input_examples("train") == 10
+    # The same columns by 0-based index, no header: the header line is then a (kept) row.
+    factories.register_tsv_task("user_tsv_idx", {"train": path}, vocab, inputs_column=1,
+                                targets_column=2, header=False, line_filter=r"^#",
+                                cache_dir=cache_dir, overwrite=True)
+    assert [(ex["inputs"], ex["targets"]) for ex in read_source("user_tsv_idx")] == \
+        [("document", "summary")] + [(e[1], e[2]) for e in expect]
+    factories.register_tsv_task("user_tsv_bad", {"train": path}, vocab,
+                                inputs_column="article", targets_column="summary",
+                                cache_dir=cache_dir, overwrite=True)
+    with pytest.raises(UserError, match=r"data\.tsv:1: the TSV header has no column "
+                                        r"'article'; it has \['id', 'document', 'summary'\]"):
+        read_source("user_tsv_bad")
+    with pytest.raises(UserError, match="header=False"):
+        factories.register_tsv_task("x", {"train": path}, vocab, inputs_column="document",
+                                    targets_column="summary", header=False)
+    # A TSV task trains.
+    assert next(pipeline("user_tsv"))["decoder_loss_weights"].sum() > 0
+
+
+def test_parallel_files_task_pairs_lines_and_refuses_unequal_files(tasks_module, tmp_path,
+                                                                  cache_dir, caplog):
+    from ssr_jax.data import factories
+    vocab = tasks_module.default_vocabulary()
+    src_lines = [f"she go to school {i}" for i in range(9)]
+    tgt_lines = [f"she goes to school {i}" for i in range(9)]
+    tgt_bytes = "\n".join(tgt_lines).encode().replace(b"goes to school 3", b"\xff\xfe 3")
+    src = write(tmp_path / "train.src", "\n".join(src_lines).encode() + b"\n")
+    tgt = write(tmp_path / "train.tgt", tgt_bytes)
+    with caplog.at_level(logging.WARNING):
+        factories.register_parallel_files_task("user_parallel", {"train": (src, tgt)}, vocab,
+                                               prefix="fix: ", cache_dir=cache_dir,
+                                               overwrite=True)
+        got = read_source("user_parallel")
+    keep = [i for i in range(9) if i != 3]
+    assert [(ex["inputs"], ex["targets"]) for ex in got] == \
+        [(src_lines[i], tgt_lines[i]) for i in keep]
+    assert f"{tgt}:4: not UTF-8" in caplog.text
+    examples = all_examples("user_parallel")
+    assert vocab.decode(examples[0]["inputs"].tolist()) == "fix: " + src_lines[0]
+    assert vocab.decode(examples[0]["targets"].tolist()) == tgt_lines[0]
+    # One line more on the source side: refused, naming both files and their line counts.
+    short = write(tmp_path / "short.tgt", "\n".join(tgt_lines[:7]).encode())
+    with open(src) as f, open(short) as g:
+        n_src, n_tgt = len(f.read().splitlines()), len(g.read().splitlines())
+    factories.register_parallel_files_task("user_parallel_bad", {"train": [(src, short)]},
+                                           vocab, cache_dir=cache_dir, overwrite=True)
+    with pytest.raises(UserError) as err:
+        read_source("user_parallel_bad")
+    assert f"{src} has {n_src} lines, {short} has {n_tgt}" in str(err.value)
+    assert (n_src, n_tgt) == (9, 7)
+    assert not [f for f in os.listdir(cache_dir) if ".tmp" in f]  # no half-written cache
+    with pytest.raises(UserError, match="source file, target file"):
+        factories.register_parallel_files_task("x", {"train": src}, vocab)
+
+
+def test_line_filter_drops_headings_in_text_and_jsonl(tasks_module, tmp_path, cache_dir,
+                                                      caplog):
+    from ssr_jax.data import factories
+    vocab = tasks_module.default_vocabulary()
+    lines = ["= Sorting =", "", TEXT, "== History ==", "The sort is stable.", "",
+             "Keys are compared once."]
+    path = write(tmp_path / "wiki.txt", "\n".join(lines).encode())
+    heading = r"^=+ .* =+$"
+    factories.register_text_task("user_wiki", {"train": path}, vocab, line_filter=heading,
+                                 cache_dir=cache_dir, overwrite=True)
+    import re
+    expect = [l for l in lines if l and not re.search(heading, l)]
+    assert [ex["text"] for ex in read_source("user_wiki")] == expect
+    report = [f for f in os.listdir(cache_dir) if f.startswith("wiki.txt")
+              and f.endswith(".report.json")]
+    with open(os.path.join(cache_dir, report[0])) as f:
+        summary = json.load(f)
+    assert summary["filtered"] == sum(bool(re.search(heading, l)) for l in lines) == 2
+    assert summary["skipped"] == 0
+    # Paragraphs: a dropped heading neither joins nor splits documents.
+    factories.register_text_task("user_wiki_par", {"train": path}, vocab, paragraphs=True,
+                                 line_filter=heading, cache_dir=cache_dir, overwrite=True)
+    assert [ex["text"] for ex in read_source("user_wiki_par")] == \
+        [f"{TEXT}\nThe sort is stable.", "Keys are compared once."]
+    # Without the filter the same headings are documents (the old behaviour).
+    factories.register_text_task("user_wiki_all", {"train": path}, vocab,
+                                 cache_dir=cache_dir, overwrite=True)
+    assert len(read_source("user_wiki_all")) == len([l for l in lines if l])
+    # JSONL: comment lines would be reported as invalid JSON; filtered, they are not.
+    rows = ["# exported 2024", json.dumps({"text": TEXT}), "# part 2", json.dumps({"text": "b"})]
+    jpath = write(tmp_path / "c.jsonl", "\n".join(rows).encode())
+    with caplog.at_level(logging.WARNING):
+        factories.register_jsonl_task("user_jsonl_filtered", {"train": jpath}, vocab,
+                                      text_field="text", line_filter=r"^#",
+                                      cache_dir=cache_dir, overwrite=True)
+        assert [ex["text"] for ex in read_source("user_jsonl_filtered")] == [TEXT, "b"]
+    assert "invalid JSON" not in caplog.text
+    with pytest.raises(UserError, match="not a regular expression"):
+        factories.register_text_task("x", {"train": path}, vocab, line_filter="(unclosed")
+
+
+def test_truncated_inputs_are_counted_and_warned_once(tasks_module, tmp_path, cache_dir,
+                                                      caplog):
+    from ssr_jax.data import factories, pipeline as pipeline_lib
+    vocab = tasks_module.default_vocabulary()
+    rows = [{"document": " ".join([TEXT] * (i % 3)) + f" item {i}",
+             "summary": "short" if i % 4 else f"{TEXT} {i}"} for i in range(23)]
+    path = write(tmp_path / "trunc.jsonl", "\n".join(map(json.dumps, rows)).encode())
+    factories.register_jsonl_task("user_trunc", {"validation": path}, vocab,
+                                  inputs_field="document", targets_field="summary",
+                                  prefix="summarize: ", cache_dir=cache_dir, overwrite=True)
+    lengths = {"inputs": 32, "targets": 8}
+    # Independently: tokens of the prefixed input plus its EOS, against the feature length.
+    long_in = sum(len(vocab.encode("summarize: " + r["document"])) + 1 > 32 for r in rows)
+    long_tgt = sum(len(vocab.encode(r["summary"])) + 1 > 8 for r in rows)
+    assert 0 < long_in < len(rows) and 0 < long_tgt < len(rows)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # a second pass (e.g. the next eval) does not warn again
+            pipe = pipeline("user_trunc", "validation", task_feature_lengths=lengths,
+                            pack=False, shuffle=False, repeat=False)
+            batches = list(pipe)
+            assert sum(int((b["decoder_loss_weights"].sum(1) > 0).sum()) for b in batches) == 23
+            assert all("inputs_untrimmed_length" not in b for b in batches)
+    warnings = [r.getMessage() for r in caplog.records if "were truncated" in r.getMessage()]
+    assert warnings == [
+        f"task user_trunc split validation: {long_in} of the first 23 examples had inputs "
+        "longer than 32 tokens and were truncated",
+        f"task user_trunc split validation: {long_tgt} of the first 23 examples had targets "
+        "longer than 8 tokens and were truncated"]
+    # A long stream warns after the first TRUNCATION_SAMPLE examples, not at its end.
+    factories.register_jsonl_task("user_trunc_train", {"train": path}, vocab,
+                                  inputs_field="document", targets_field="summary",
+                                  prefix="summarize: ", cache_dir=cache_dir, overwrite=True)
+    caplog.clear()
+    sample, pipeline_lib.TRUNCATION_SAMPLE = pipeline_lib.TRUNCATION_SAMPLE, 46
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe = pipeline("user_trunc_train", task_feature_lengths=lengths, pack=False,
+                            shuffle=False)
+            pipe.next_examples(45)
+            assert "were truncated" not in caplog.text
+            pipe.next_examples(10)
+    finally:
+        pipeline_lib.TRUNCATION_SAMPLE = sample
+    assert f"{2 * long_in} of the first 46 examples had inputs longer" in caplog.text

@@ -4,15 +4,23 @@
 a second) are shared with test_checkpoints.py.
 """
 import glob
+import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from ssr_jax.errors import UserError
 from ssr_jax.models.base import BaseModel
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.train import optimizers, steps, trainer
@@ -205,9 +213,41 @@ def test_nonfinite_step_applies_no_update_and_is_counted():
     assert np.isfinite(float(metrics["loss_sum"])) and int(metrics["nonfinite"]) == 0
 
 
+def test_update_that_makes_params_nonfinite_is_skipped():
+    model, part = BigramModel(), Partitioner({"data": 8})
+    # Finite gradients, an overflowing update (like a huge learning rate).
+    huge = optimizers.Optimizer(optax.chain(optax.scale(-1e30), optax.scale(1e30)),
+                                lambda step: 1e30)
+    shardings = ts.state_shardings(part, model, ts.abstract_state(model, huge))
+    state = ts.init_state(model, huge, part, shardings, seed=0)
+    step = steps.make_train_step(model, huge, part, shardings, donate=False)
+    new, metrics = step(state, part.make_global_batch(array_batch(0)))
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert (int(new.step), int(new.nonfinite_total), int(metrics["nonfinite"])) == (1, 1, 1)
+
+
 def test_training_stops_after_n_consecutive_nonfinite_steps(tmp_path):
-    with pytest.raises(trainer.TrainingDiverged, match=r"3 consecutive steps had a non-finite"):
-        run_train(tmp_path, 20, poison_from=4, max_consecutive_nonfinite=3)
+    # Poisoned batches from position 4: steps 5, 6, 7 are skipped; step 6's save is in flight
+    # when the run stops at step 7.
+    with pytest.raises(trainer.TrainingDiverged,
+                       match=r"3 consecutive steps had a non-finite .* last checkpoint, step 6,"):
+        run_train(tmp_path, 20, poison_from=4, max_consecutive_nonfinite=3, checkpoint=_ckpt(2))
+    directory = tmp_path / "checkpoints"
+    assert sorted(os.listdir(directory)) == ["4", "6", "model_config.json"]  # no *-tmp
+    # The latest checkpoint restores: its params are step 4's (5 and 6 were skipped).
+    from ssr_jax.train import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+    for a, b in zip(jax.tree.leaves(ckpt.load_params(str(directory / "6"))),
+                    jax.tree.leaves(ckpt.load_params(str(directory / "4")))):
+        np.testing.assert_array_equal(a, b)
+    resumed = run_train(tmp_path, 6, checkpoint=_ckpt(2))
+    assert int(resumed.state.step) == 6 and int(resumed.state.nonfinite_consecutive) == 2
+
+
+def test_max_consecutive_nonfinite_must_be_at_least_1(tmp_path):
+    with pytest.raises(UserError, match=r"max_consecutive_nonfinite=0 must be >= 1"):
+        run_train(tmp_path, 3, max_consecutive_nonfinite=0)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -223,11 +263,30 @@ def test_loop_resume_matches_uninterrupted_run_and_writes_logs(tmp_path, capsys)
         np.testing.assert_array_equal(a, b)
     assert losses(full)[-1] < losses(full)[0] - 0.3  # it learns the bigram rule
     line = [ln for ln in out.splitlines() if ln.startswith("step 9/9")][0]
-    for part in ("loss", "acc", "lr", "gnorm", "tok/s", "MFU", "ETA"):
+    for part in ("loss", "acc", "lr", "gnorm", "tok/s", "ETA"):
         assert part in line
+    assert "MFU" not in line  # a CPU has no known peak FLOP/s
     assert glob.glob(str(tmp_path / "full" / "train" / "events.out.tfevents.*"))
     assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == [
             "6", "9", "model_config.json"]
+
+
+def test_mfu_only_with_a_known_peak_and_equal_to_its_definition(tmp_path, capsys):
+    run_train(tmp_path / "cpu", 2, checkpoint=_ckpt(0))
+    out = capsys.readouterr().out
+    assert "step 2/2" in out and "MFU" not in out
+    assert all("timing/mfu" not in r for r in _jsonl(tmp_path / "cpu/train/metrics.jsonl"))
+    peak = 1e9  # FLOP/s per device, as train.peak_flops_per_device
+    run_train(tmp_path / "peak", 3, checkpoint=_ckpt(0), peak_flops_per_device=peak)
+    printed = [float(ln.split("MFU ")[1].split("%")[0])
+               for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    flops = BigramModel().train_flops(8, 8, 8)
+    rows = _jsonl(tmp_path / "peak/train/metrics.jsonl")
+    assert len(printed) == len(rows) == 3
+    for row, shown in zip(rows, printed):
+        expected = flops * row["timing/steps_per_second"] / (peak * jax.device_count())
+        assert row["timing/mfu"] == pytest.approx(expected, rel=1e-9)
+        assert shown == pytest.approx(100 * expected, rel=5e-3)  # printed to 3 digits
 
 
 def test_sigterm_saves_and_stops_then_the_run_resumes(tmp_path, capsys):
@@ -241,6 +300,39 @@ def test_sigterm_saves_and_stops_then_the_run_resumes(tmp_path, capsys):
     assert not second.preempted
     for a, b in zip(jax.tree.leaves(second.state), jax.tree.leaves(full.state)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_ssr_jax_train_exits_75_on_sigterm_and_a_rerun_resumes(tmp_path):
+    """A real `ssr-jax train` process and a real signal: the status tells the launchers'
+    restart loops (launch/*) that the run was preempted, not finished."""
+    from ssr_jax import distributed  # pylint: disable=import-outside-toplevel
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = "--gin.t5_1_1_tiny/T5Config."
+    cmd = [sys.executable, "-m", "ssr_jax.cli", "train",
+           "--gin_file=gin/experiments/tiny_default.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+           "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+           f"{tiny}d_model=16", f"{tiny}d_ff=32", f"{tiny}num_heads=2", f"{tiny}d_kv=8",
+           f"{tiny}num_encoder_layers=1", f"{tiny}num_decoder_layers=1",
+           "--gin.EVAL_EVERY=0", "--gin.train.log_every=1",
+           "--gin.CheckpointConfig.save_every=100000"]
+    env = dict(os.environ, PYTHONPATH=repo)
+    proc = subprocess.Popen(cmd + ["--gin.TRAIN_STEPS=100000"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "train" / "metrics.jsonl"
+    deadline = time.time() + 400
+    while not (log.exists() and log.read_text().count("\n") >= 2):  # it is training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == distributed.EXIT_PREEMPTED == 75, out[-3000:]
+    saved = int(re.search(r"preempted: saved step (\d+)", out).group(1))
+    rerun = subprocess.run(cmd + [f"--gin.TRAIN_STEPS={saved + 2}"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"resumed from step {saved}" in rerun.stdout
+    assert f"step {saved + 2}/{saved + 2}" in rerun.stdout
 
 
 def test_initial_checkpoint_gives_params_only_and_own_checkpoints_win(tmp_path, capsys):
@@ -260,18 +352,76 @@ def test_initial_checkpoint_gives_params_only_and_own_checkpoints_win(tmp_path, 
     assert [m["step"] for m in again.train_metrics] == [3]
 
 
-def test_eval_during_training_uses_a_fixed_set_of_batches(tmp_path, capsys, monkeypatch):
+EVAL_CFG = DatasetConfig("arrays", {"inputs": 8, "targets": 8}, split="validation",
+                         batch_size=8)
+
+
+def fake_split(batches):
+    """A stand-in for dataset.host_batches over a split of these batches: it ends after the
+    last one, or wraps around with repeat=True, as the real pipeline does."""
+    def host_batches(cfg, partitioner, num_batches, repeat=False):
+        i = 0
+        while num_batches is None or i < num_batches:
+            if i >= len(batches) and not repeat:
+                return
+            yield batches[i % len(batches)], None, 8
+            i += 1
+    return host_batches
+
+
+def test_eval_during_training_covers_the_split_once(tmp_path, capsys, monkeypatch):
     batches = [array_batch(100 + i) for i in range(3)]
-    monkeypatch.setattr(trainer, "host_batches",
-                        lambda cfg, part, n, repeat: ((b, None, 8) for b in batches[:n]))
-    eval_cfg = DatasetConfig("arrays", {"inputs": 8, "targets": 8}, split="validation",
-                             batch_size=8)
-    result = run_train(tmp_path, 4, eval_dataset=eval_cfg, eval_every=2, eval_steps=3,
-                       checkpoint=_ckpt(0))
+    monkeypatch.setattr(trainer, "host_batches", fake_split(batches))
+    # The split's target tokens, counted from its examples.
+    tokens = [int(b["decoder_loss_weights"].sum()) for b in batches]
+    # eval_steps beyond the split's 3 batches: the whole split once, no wrapping around.
+    result = run_train(tmp_path / "whole", 4, eval_dataset=EVAL_CFG, eval_every=2,
+                       eval_steps=5, checkpoint=_ckpt(0))
     assert [m["step"] for m in result.eval_metrics] == [2, 4]
+    assert [m["weight_sum"] for m in result.eval_metrics] == [sum(tokens)] * 2
     assert result.eval_metrics[1]["loss"] < result.eval_metrics[0]["loss"]
-    assert "eval step 4 | loss" in capsys.readouterr().out
-    assert glob.glob(str(tmp_path / "eval" / "events.out.tfevents.*"))
+    assert (f"| 3 batches (the whole split: {sum(tokens):,} target tokens)"
+            in capsys.readouterr().out)
+    assert glob.glob(str(tmp_path / "whole" / "eval" / "events.out.tfevents.*"))
+    # Fewer than the split has: its first 2 batches, said so.
+    result = run_train(tmp_path / "first", 2, eval_dataset=EVAL_CFG, eval_every=2,
+                       eval_steps=2, checkpoint=_ckpt(0))
+    assert result.eval_metrics[0]["weight_sum"] == sum(tokens[:2])
+    assert (f"| 2 batches (the first 2 batches of the split: {sum(tokens[:2]):,} target "
+            "tokens)" in capsys.readouterr().out)
+    monkeypatch.setattr(trainer, "host_batches", fake_split([]))
+    with pytest.raises(UserError, match="eval split 'validation' of 'arrays' is empty"):
+        run_train(tmp_path / "empty", 2, eval_dataset=EVAL_CFG, eval_every=2,
+                  checkpoint=_ckpt(0))
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resumed_run_logs_each_step_once_and_a_finished_run_trains_nothing(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "host_batches", fake_split([array_batch(100)]))
+    kwargs = dict(checkpoint=_ckpt(3), eval_dataset=EVAL_CFG, eval_every=2, eval_steps=1)
+    full = run_train(tmp_path / "full", 9, **kwargs)
+    run_train(tmp_path / "split", 5, **kwargs)
+    # Killed after step 5 was logged but before its checkpoint was written: resumes at 3.
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "5")
+    run_train(tmp_path / "split", 9, **kwargs)
+    assert "resumed from step 3" in capsys.readouterr().out
+    train_log = _jsonl(tmp_path / "split" / "train" / "metrics.jsonl")
+    assert [r["step"] for r in train_log] == list(range(1, 10))
+    assert [r["loss"] for r in train_log] == [m["loss"] for m in full.train_metrics]
+    eval_log = _jsonl(tmp_path / "split" / "eval" / "metrics.jsonl")
+    assert [r["step"] for r in eval_log] == [2, 4, 6, 8, 9]
+    assert eval_log == _jsonl(tmp_path / "full" / "eval" / "metrics.jsonl")
+    # Rerunning the finished run: one line, nothing trained or logged.
+    again = run_train(tmp_path / "split", 9, **kwargs)
+    out = capsys.readouterr().out
+    assert f"already at step 9 (TRAIN_STEPS=9) in {tmp_path / 'split'}: nothing to train" in out
+    assert again.train_metrics == [] and int(again.state.step) == 9 and "step 9/9" not in out
+    assert _jsonl(tmp_path / "split" / "train" / "metrics.jsonl") == train_log
 
 
 def _ckpt(every):

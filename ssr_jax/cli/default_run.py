@@ -6,8 +6,10 @@ the embedded default corpus and a CPU.
   2. pre-train a smaller STUDENT with online SSR from that teacher: each step the teacher,
      sharded on the student's mesh, fills masked spans of fresh examples, and the student
      learns to rewrite them into the original (gin/experiments/default_student_ssr.gin);
-  3. evaluate both on held-out span corruption (the same examples for both);
-  4. export the student to Hugging Face format (transformers' T5ForConditionalGeneration).
+  3. evaluate both on held-out span corruption (the same examples for both), with
+     `ssr-jax eval` and no model gin file: the model comes with the checkpoint;
+  4. export the student to Hugging Face format (transformers' T5ForConditionalGeneration)
+     with no --vocab: the tokenizer is the vocabulary training recorded.
 Everything goes under DIR; a summary at the end says where. The real recipe is the same
 commands with a real teacher (`ssr-jax import-hf` of t5-v1_1-large) and C4 (README).
 """
@@ -21,6 +23,7 @@ from ssr_jax.errors import UserError
 
 TEACHER_GIN = "gin/experiments/default_teacher.gin"
 STUDENT_GIN = "gin/experiments/default_student_ssr.gin"
+EVAL_GIN = "gin/runs/eval.gin"
 EVAL_TASK = "ssr_default_span_corruption"
 EVAL_LENGTHS = {"inputs": 128, "targets": 32}
 
@@ -29,8 +32,10 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssr-jax default-run", description=__doc__.split(
             "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True, help="where everything goes")
-    parser.add_argument("--teacher_steps", type=int, default=300)
-    parser.add_argument("--student_steps", type=int, default=300)
+    parser.add_argument("--teacher_steps", type=int, default=300,
+                        help="span-corruption steps of the teacher (default: 300)")
+    parser.add_argument("--student_steps", type=int, default=300,
+                        help="online SSR steps of the student (default: 300)")
     parser.add_argument("--eval_batches", type=int, default=8,
                         help="held-out batches of 16 examples for each evaluation")
     parser.add_argument("--gin", action="append", default=[], metavar="X=Y",
@@ -50,26 +55,25 @@ def _train(gin_file: str, model_dir: str, steps: int, extra: List[str]) -> None:
 
 
 def _evaluate(model_dir: str, batches: int) -> Dict[str, float]:
-    """Held-out span-corruption loss/accuracy of a run's newest checkpoint, with the model
-    config stored next to it (so teacher and student are evaluated the same way)."""
-    # pylint: disable=import-outside-toplevel
-    from ssr_jax.data.dataset import DatasetConfig
-    from ssr_jax.models.encoder_decoder import EncoderDecoderModel
-    from ssr_jax.partitioning import Partitioner
-    from ssr_jax.train import checkpoints, trainer
-    model = EncoderDecoderModel.from_config_dict(checkpoints.load_model_config(model_dir),
-                                                 f"{model_dir} model_config.json")
-    dataset = DatasetConfig(EVAL_TASK, EVAL_LENGTHS, split="validation", batch_size=16,
-                            shuffle=False, pack=False, module="tasks")
-    return trainer.evaluate(model=model, checkpoint_path=model_dir,
-                            dataset=dataset, partitioner=Partitioner({"data": -1}),
-                            num_batches=batches, model_dir=model_dir)
+    """Held-out span-corruption loss/accuracy of a run's newest checkpoint: `ssr-jax eval`
+    with no model gin file (the model comes with the checkpoint), so teacher and student are
+    evaluated the same way, as a user would."""
+    from ssr_jax.cli import gin_registry  # pylint: disable=import-outside-toplevel
+    argv = [f"--gin_file={EVAL_GIN}", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.MIXTURE_OR_TASK_NAME='{EVAL_TASK}'",
+            f"--gin.TASK_FEATURE_LENGTHS={EVAL_LENGTHS}", "--gin.BATCH_SIZE=16",
+            f"--gin.evaluate.num_batches={batches}"]
+    results = []
+    gin_registry.run_command("eval", argv,
+                             lambda: results.append(gin_registry.call("evaluate")) or 0)
+    return results[0]
 
 
 def _export(model_dir: str, out: str) -> None:
-    import tasks  # pylint: disable=import-outside-toplevel
+    """`ssr-jax export-hf` with no --vocab: the tokenizer is the vocabulary the training
+    recorded next to the checkpoints."""
     from ssr_jax.cli.hf import export_main  # pylint: disable=import-outside-toplevel
-    export_main(["--checkpoint", model_dir, "--vocab", tasks.DEFAULT_SPM_PATH, "--out", out])
+    export_main(["--checkpoint", model_dir, "--out", out])
 
 
 def _describe(model_dir: str) -> str:
@@ -90,25 +94,19 @@ def _ssr_line(model_dir: str) -> Optional[str]:
 
 def main(argv: List[str]) -> int:
     args = _parse(argv)
-    import tasks  # pylint: disable=import-outside-toplevel
-    from ssr_jax import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-    from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
     out = os.path.abspath(os.path.expanduser(args.out_dir))
     teacher_dir, student_dir = os.path.join(out, "teacher"), os.path.join(out, "student")
     hf_dir = os.path.join(out, "student_hf")
     extra = [f"--gin.{b}" for b in args.gin]
     os.makedirs(out, exist_ok=True)
-    vocabulary = tasks.default_vocabulary()
     times = {}
     start = time.time()
 
     print(f"== 1/4 teacher: span corruption, {args.teacher_steps} steps -> {teacher_dir}",
           flush=True)
+    # Training records the vocabulary next to the checkpoints: a student with another
+    # vocabulary is refused this teacher before any compute.
     _train(TEACHER_GIN, teacher_dir, args.teacher_steps, extra)
-    # Record the vocabulary next to the teacher's checkpoints: a student with another
-    # vocabulary is refused before any compute.
-    vocab_lib.write_vocab_record(os.path.join(teacher_dir, checkpoints.CHECKPOINTS_SUBDIR),
-                                   vocabulary)
     times["teacher"] = time.time() - start
 
     print(f"== 2/4 student: online SSR from the teacher, {args.student_steps} steps -> "
@@ -116,8 +114,6 @@ def main(argv: List[str]) -> int:
     t = time.time()
     _train(STUDENT_GIN, student_dir, args.student_steps,
            [f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'"] + extra)
-    vocab_lib.write_vocab_record(os.path.join(student_dir, checkpoints.CHECKPOINTS_SUBDIR),
-                                   vocabulary)
     times["student"] = time.time() - t
 
     print(f"== 3/4 evaluation on held-out span corruption ({args.eval_batches} batches)",

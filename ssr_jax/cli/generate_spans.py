@@ -9,17 +9,22 @@ import gin
 
 from ssr_jax import distributed
 from ssr_jax.cli import gin_registry
-from ssr_jax.cli.train import run_spec
 from ssr_jax.errors import UserError
+
+# Macros generate-spans binds when the command line does not (`--help` shows them).
+DEFAULT_MACROS = {"MODEL_DIR": "%OUTPUT_DIR"}
 
 
 def main(argv: List[str]) -> int:
-    import jax  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from ssr_jax.ssr import spec as ssr_spec  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    import jax
+    import tensorflow as tf
+    from ssr_jax.cli.train import run_spec  # imports the library: not for --help
+    from ssr_jax.ssr import spec as ssr_spec
     argv = list(argv)
-    if not any(a.startswith(("--gin.MODEL_DIR=", "--gin.MODEL_DIR ")) for a in argv):
-        argv.append("--gin.MODEL_DIR=%OUTPUT_DIR")
+    for name, value in DEFAULT_MACROS.items():
+        if not any(a.startswith((f"--gin.{name}=", f"--gin.{name} ")) for a in argv):
+            argv.append(f"--gin.{name}={value}")
     with distributed.fail_fast("ssr-jax generate-spans"):
         gin_registry.prepare(argv)
         spec = run_spec()

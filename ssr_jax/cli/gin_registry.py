@@ -6,13 +6,18 @@ Registered names (also reachable as `ssr_jax.<name>`): T5Config, LossConfig, Dec
 EncoderDecoderModel, Partitioner, DatasetConfig, CheckpointConfig, adafactor, adamw,
 rsqrt_schedule, constant_schedule, linear_schedule, cosine_schedule, TeacherConfig,
 SsrStageConfig, SpanCurriculum, train (the run spec: ssr_jax/cli/spec.py), ssr_online,
-ssr_offline (its `ssr`), evaluate, infer.
+ssr_offline (its `ssr`), evaluate, infer, model_from_checkpoint (the model a checkpoint's
+model_config.json describes, checked against a bound MODEL).
 """
 import contextlib
+import difflib
+import io
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+import sys
+import tokenize
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import gin
 
@@ -54,6 +59,7 @@ def _registrations() -> Dict[str, Callable]:
             "SpanCurriculum": SpanCurriculum,
             "train": RunSpec, "ssr_online": ssr_spec.online, "ssr_offline": ssr_spec.offline,
             "evaluate": evaluate, "infer": infer,
+            "model_from_checkpoint": model_from_checkpoint,
     }
 
 
@@ -65,9 +71,14 @@ def register() -> Dict[str, Callable]:
     return _REGISTERED
 
 
+def search_paths(extra: Sequence[str] = ()) -> List[str]:
+    """Where gin files and includes are looked up (after the path as given): --gin_search_paths,
+    then the repository root and its gin/ directory."""
+    return [os.path.abspath(p) for p in extra] + [REPO_ROOT, os.path.join(REPO_ROOT, "gin")]
+
+
 def _search_paths(flags: Flags) -> List[str]:
-    return [os.path.abspath(p) for p in flags.search_paths] + [REPO_ROOT,
-                                                               os.path.join(REPO_ROOT, "gin")]
+    return search_paths(flags.search_paths)
 
 
 def _find_file(path: str, search: Sequence[str]) -> str:
@@ -116,6 +127,132 @@ def _one_line(e: BaseException) -> str:
     return " | ".join(lines[:3]) if lines else type(e).__name__
 
 
+_PARSE_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, IOError)
+
+
+def _unclosed_bracket(text: str) -> Optional[Tuple[int, str]]:
+    """(line, bracket) of the first bracket `text` never closes, or None if it tokenizes."""
+    opened: List[Tuple[int, str]] = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.OP and tok.string in "([{":
+                opened.append((tok.start[0], tok.string))
+            elif tok.type == tokenize.OP and tok.string in ")]}" and opened:
+                opened.pop()
+    except tokenize.TokenError as e:
+        if opened:
+            return opened[0]
+        return (e.args[1][0] if len(e.args) > 1 else 0), "string or line continuation"
+    return None
+
+
+def _token_error_in(path: str, search: Sequence[str], seen: Set[str]) -> str:
+    """Where the tokenize error of gin file `path` (or one it includes) is, as one line."""
+    seen.add(os.path.abspath(path))
+    with open(path) as f:
+        text = f.read()
+    hit = _unclosed_bracket(text)
+    if hit:
+        return f"{path}:{hit[0]}: unclosed {hit[1]!r} (the file ends inside it)"
+    for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", text, re.M):
+        try:
+            found = _find_file(inc, [os.path.dirname(path), *search])
+        except UserError:
+            continue
+        if os.path.abspath(found) not in seen:
+            where = _token_error_in(found, search, seen)
+            if where:
+                return where
+    return ""
+
+
+def _syntax_error_line(e: SyntaxError) -> str:
+    where = f"{e.filename}:{e.lineno}: " if e.filename else ""
+    text = f" in {e.text.strip()!r}" if e.text and e.text.strip() else ""
+    return f"{where}{e.msg}{text}"
+
+
+def _parse_files(files: Sequence[str], search: Sequence[str]) -> None:
+    for path in files:
+        try:
+            gin.parse_config_file(path)
+        except tokenize.TokenError as e:
+            where = _token_error_in(path, search, set()) or f"{path}: {e.args[0] if e.args else e}"
+            raise UserError(f"gin file {where}") from e
+        except SyntaxError as e:
+            # An unclosed bracket mid-file makes gin misread the lines after it: name it.
+            where = _token_error_in(path, search, set()) or _syntax_error_line(e)
+            raise UserError(f"gin file {where}") from e
+        except _PARSE_ERRORS as e:
+            raise UserError(f"gin file {path}: {_one_line(e)}") from e
+
+
+def _parse_bindings(bindings: Sequence[str]) -> None:
+    """Command-line bindings, after every file (only their syntax errors get the quoting
+    hint: a file's errors are the file's)."""
+    try:
+        gin.parse_config(list(bindings))
+    except tokenize.TokenError as e:
+        bad = next((b for b in bindings if _unclosed_bracket(b)), "")
+        raise UserError(f"gin binding {bad!r}: unclosed bracket.") from e
+    except SyntaxError as e:
+        raise UserError(f"gin binding: {_syntax_error_line(e)} (string values need quotes: "
+                        "--gin.MODEL_DIR=\"'/tmp/run'\")") from e
+    except _PARSE_ERRORS as e:
+        raise UserError(f"gin binding: {_one_line(e)}") from e
+
+
+def _macro_bindings(bindings: Sequence[str]) -> Dict[str, str]:
+    """MACRO -> `--gin.MACRO=VALUE` for the command-line bindings that set a macro."""
+    out = {}
+    for binding in bindings:
+        for line in binding.splitlines():
+            m = re.match(r"\s*([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", line)
+            if m:
+                out[m.group(1)] = f"--gin.{m.group(1)}={m.group(2)}"
+    return out
+
+
+def _referenced_macros() -> Set[str]:
+    """Macros some binding (or macro) of the parsed config refers to as %NAME."""
+    found: Set[str] = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple, set)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, gin.config.ConfigurableReference) and repr(v).startswith("%"):
+            found.add(repr(v)[1:])
+    for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+        walk(params)
+    return found
+
+
+# Set in the environment of a process that re-runs a command whose parent already warned
+# (`ssr-jax plan` re-executing itself with fake devices), so each warning shows once.
+WARNED_ENV = "SSR_JAX_GIN_WARNED"
+
+
+def _warn_unused_macros(bindings: Sequence[str]) -> None:
+    """gin silently ignores a macro nothing refers to: `--gin.TRAIN_STEP=10` (a typo of
+    TRAIN_STEPS) would train with the file's value. One warning line each."""
+    if os.environ.get(WARNED_ENV):
+        return
+    config = gin.config._CONFIG  # pylint: disable=protected-access
+    defined = {scope for (scope, selector) in config if selector == "gin.macro"}
+    used = _referenced_macros()
+    for name, flag in _macro_bindings(bindings).items():
+        if name not in defined or name in used:
+            continue
+        close = difflib.get_close_matches(name, sorted((used | defined) - {name}), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"ssr-jax: warning: {flag} is not used by any binding{hint}", file=sys.stderr,
+              flush=True)
+
+
 def setup(flags: Flags) -> None:
     """Registers configurables, parses files then bindings, checks required values."""
     register()
@@ -128,17 +265,11 @@ def setup(flags: Flags) -> None:
     files = [_find_file(f, search) for f in flags.gin_files]
     if not files:
         raise UserError("no --gin_file given; e.g. --gin_file=gin/experiments/tiny_default.gin")
-    try:
-        _tolerant_file_readers()
-        with _quiet_include_search():
-            gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
-    except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
-        what = "gin binding" if any(b.split("=")[0].strip() in str(e) for b in flags.bindings) \
-            else "gin config"
-        hint = ""
-        if isinstance(e, SyntaxError) and flags.bindings:
-            hint = " (string values need quotes: --gin.MODEL_DIR=\"'/tmp/run'\")"
-        raise UserError(f"{what}: {_one_line(e)}{hint}") from e
+    _tolerant_file_readers()
+    with _quiet_include_search():
+        _parse_files(files, search)
+        _parse_bindings(flags.bindings)
+    _warn_unused_macros(flags.bindings)
     missing = sorted(_required_unset())
     if missing:
         names = ", ".join(missing)
@@ -167,6 +298,14 @@ def _required_unset() -> List[str]:
     return out
 
 
+def _name_macro(message: str) -> str:
+    """`train.train_steps='ten' must be ...` -> `TRAIN_STEPS='ten' must be ...` when that
+    binding is a macro: the user set the macro, not the binding."""
+    m = re.match(r"([A-Za-z_]\w*\.[A-Za-z_]\w*)=", message)
+    macro = bound_macro(m.group(1)) if m else None
+    return macro + message[len(m.group(1)):] if macro else message
+
+
 def call(name: str, **kwargs):
     """Calls a registered configurable, turning gin's call-time errors into one line."""
     fn = register()[name]
@@ -179,7 +318,7 @@ def call(name: str, **kwargs):
         while "ExceptionProxy" in getattr(cls.__init__, "__qualname__", ""):
             cls = cls.__mro__[1]
         lines = str(e).strip().splitlines()
-        raise cls(lines[0] if lines else "") from e
+        raise cls(_name_macro(lines[0]) if lines else "") from e
     except TypeError as e:
         text = str(e)
         macro = re.search(r"configurable 'macro'.*in scope '([^']+)'", text, re.S)
@@ -203,6 +342,16 @@ def query_macro(name: str) -> Optional[object]:
         return value
     except (ValueError, KeyError):
         return None
+
+
+def bound_macro(selector: str) -> Optional[str]:
+    """The macro `selector` is bound to (`train.train_steps = %TRAIN_STEPS` -> 'TRAIN_STEPS'),
+    or None (unbound, or bound to a value)."""
+    try:
+        text = repr(gin.query_parameter(selector))
+    except ValueError:
+        return None
+    return text[1:] if text.startswith("%") and text != "%gin.REQUIRED" else None
 
 
 def query(selector: str, default=None):
@@ -278,3 +427,41 @@ def t5config_from_gin(path: str, bindings: Sequence[str] = ()):
     if not isinstance(config, T5Config):
         raise UserError(f"{path}: MODEL.config is not a T5Config.")
     return config
+
+
+# --- the model that comes with a checkpoint ----------------------------------------------------
+# Fields that do not change what a checkpoint's params mean (the run may choose them).
+_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat_policy")
+
+
+def model_from_checkpoint(checkpoint_path: str, dropout_rate: Optional[float] = None):
+    """The model of a checkpoint: the gin MODEL when one is bound (refused when its config
+    disagrees with the checkpoint's model_config.json), else built from that file, so eval,
+    infer, fine-tuning and export need no model gin file. `dropout_rate` (fine-tuning)
+    replaces the stored one."""
+    # pylint: disable=import-outside-toplevel
+    from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+    from ssr_jax.train import checkpoints
+    if not checkpoint_path:
+        raise UserError("no checkpoint to take the model from: set CHECKPOINT_PATH (eval, "
+                        "infer) or INITIAL_CHECKPOINT_PATH (fine-tuning), or bind MODEL with a "
+                        "model gin file (gin/models/...).")
+    path = checkpoints.model_config_path(checkpoint_path)
+    stored = checkpoints.load_model_config(checkpoint_path) if path else None
+    bound = query("%MODEL")  # None when MODEL is unbound
+    if bound is None:
+        if not stored:
+            raise UserError(f"checkpoint {checkpoint_path} has no model_config.json: give the "
+                            "model's gin file (e.g. --gin_file=gin/models/t5_1_1/small.gin).")
+        model = EncoderDecoderModel.from_config_dict(stored, path)
+        if dropout_rate is not None:
+            model = model.replace_config(dropout_rate=float(dropout_rate))
+        return model
+    mine = bound.config_dict() or {}
+    for key, value in (stored or {}).items():
+        if key in mine and key not in _RUNTIME_FIELDS and mine[key] != value:
+            raise UserError(f"the gin MODEL does not fit checkpoint {checkpoint_path}: {key} "
+                            f"{mine[key]} in the gin MODEL, {value} in {path}; drop the model "
+                            "gin file (the model comes with the checkpoint) or use this "
+                            "model's checkpoint.")
+    return bound

@@ -4,7 +4,9 @@ export-hf: params from a trainer checkpoint (--checkpoint: a step dir holding pa
 checkpoint root or a model dir; see ssr_jax.train.checkpoints for the layout) or from a
 .npz of flattened params (--params_npz, keys 'a/b/c'), the model config from the
 checkpoint's model_config.json or --model_config (a JSON of T5Config fields, or a gin file
-binding MODEL, e.g. gin/models/t5_1_1/base.gin), the tokenizer from --vocab.
+binding MODEL, e.g. gin/models/t5_1_1/base.gin), the tokenizer from --vocab or else the
+vocabulary the checkpoint records (vocab.json; refused when none is known, --no_tokenizer
+for the weights only).
 
 import-hf: reads an HF T5 directory and writes a params-only checkpoint (<out>/params/ +
 <out>/model_config.json) that the trainer accepts as an initial checkpoint.
@@ -107,8 +109,12 @@ def export_main(argv) -> int:
     src.add_argument("--params_npz", help="params saved as a flattened .npz")
     parser.add_argument("--model_config", help="T5Config JSON or gin model file (default: "
                         "the checkpoint's model_config.json)")
-    parser.add_argument("--vocab", help="SentencePiece model for the tokenizer files")
-    parser.add_argument("--extra_ids", type=int, default=100)
+    parser.add_argument("--vocab", help="SentencePiece model for the tokenizer files "
+                        "(default: the one the checkpoint's vocab.json records)")
+    parser.add_argument("--no_tokenizer", action="store_true",
+                        help="write the weights only (no tokenizer files)")
+    parser.add_argument("--extra_ids", type=int, default=None,
+                        help="sentinel count (default: the recorded one, else 100)")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     config = load_model_config_file(args.model_config) if args.model_config else None
@@ -122,9 +128,46 @@ def export_main(argv) -> int:
         raise UserError(f"{source}: no model_config.json; pass --model_config (a T5Config JSON "
                         "or a gin file such as gin/models/t5_1_1/base.gin).")
     _check_param_shapes(params, config, source)
-    export_hf(params, config, args.out, args.vocab, args.extra_ids)
-    print(f"wrote Hugging Face T5 to {args.out}")
+    spm_path, extra_ids = _tokenizer_source(args)
+    export_hf(params, config, args.out, spm_path, extra_ids)
+    print(f"wrote Hugging Face T5 to {args.out}"
+          + (f" (tokenizer from {spm_path})" if spm_path else " (no tokenizer)"))
     return 0
+
+
+def _tokenizer_source(args) -> Tuple[Optional[str], int]:
+    """(SentencePiece file, extra ids) of the export: --vocab, else the vocabulary the
+    checkpoint records (vocab.json, its sha256 checked), else refused: without a tokenizer
+    transformers silently loads a broken default one."""
+    from ssr_jax import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+    if args.no_tokenizer:
+        return None, args.extra_ids or vocab_lib.DEFAULT_EXTRA_IDS
+    if args.vocab:
+        return args.vocab, args.extra_ids or vocab_lib.DEFAULT_EXTRA_IDS
+    record, where = None, args.params_npz
+    if args.checkpoint:
+        from ssr_jax.ssr.teacher import read_vocab_record  # pylint: disable=C0415
+        from ssr_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+        step_dir = checkpoints.resolve_step_dir(args.checkpoint)
+        record, where = read_vocab_record(step_dir), args.checkpoint
+    spm_path = (record or {}).get("sentencepiece_model_file")
+    if not spm_path:
+        raise UserError(f"{where} records no vocabulary (vocab.json): pass --vocab (the "
+                        "SentencePiece model it was trained with), or --no_tokenizer for the "
+                        "weights only.")
+    if not os.path.isfile(spm_path):
+        raise UserError(f"{where}: the recorded vocabulary {spm_path} no longer exists; pass "
+                        "--vocab with the SentencePiece model it was trained with.")
+    extra_ids = args.extra_ids or int(record.get("extra_ids") or vocab_lib.DEFAULT_EXTRA_IDS)
+    # The record hashes the serialized model seqio loads, not the file's bytes.
+    sha = vocab_lib.vocab_record(vocab_lib.get_vocabulary(spm_path, extra_ids)).get(
+            "sentencepiece_sha256")
+    if record.get("sentencepiece_sha256") not in (None, sha):
+        raise UserError(f"{where}: the recorded vocabulary {spm_path} has changed since "
+                        f"training (sha256 {sha[:12]}..., recorded "
+                        f"{record['sentencepiece_sha256'][:12]}...); pass --vocab with the "
+                        "SentencePiece model it was trained with.")
+    return spm_path, extra_ids
 
 
 def import_main(argv) -> int:

@@ -13,7 +13,15 @@ from ssr_jax.cli import flags as flags_lib
 from ssr_jax.cli import gin_registry
 from ssr_jax.errors import UserError
 
-OWN_FLAGS = ("num_devices", "json", "extrapolate_from_layers")
+# plan's own flags -> (metavar, --help text).
+OWN_FLAGS = {
+        "num_devices": ("N", "devices to plan for (default: the product of "
+                             "Partitioner.mesh_shape; needed when it has a -1 axis)"),
+        "json": ("PATH", "also write the plan to this JSON file"),
+        "extrapolate_from_layers": ("K", "compile K and 2K layers per stack and extrapolate "
+                                         "linearly to the configured depth (default 0: compile "
+                                         "all layers)"),
+}
 # Values `train` needs but a plan never reads; bound only when the user did not bind them.
 UNUSED_REQUIRED = {"MODEL_DIR": "'/tmp/ssr_jax_plan_unused'"}
 
@@ -46,7 +54,7 @@ def _ensure_devices(n: int, argv: List[str]) -> Optional[int]:
         return None
     if jax.device_count() == n and jax.devices()[0].platform == "cpu":
         return None
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{gin_registry.WARNED_ENV: "1"})
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])

@@ -9,11 +9,16 @@ import dataclasses
 from typing import Any, Dict, Optional
 
 from ssr_jax.data.dataset import DatasetConfig
+from ssr_jax.errors import UserError
 from ssr_jax.models.base import BaseModel
 from ssr_jax.partitioning import Partitioner
 from ssr_jax.ssr.spec import SsrSpec
 from ssr_jax.train.checkpoints import CheckpointConfig
 from ssr_jax.train.optimizers import Optimizer
+
+
+_INT_FIELDS = ("train_steps", "eval_every", "eval_steps", "log_every", "num_microbatches",
+               "seed", "max_consecutive_nonfinite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,25 @@ class RunSpec:
     max_consecutive_nonfinite: int = 20
     peak_flops_per_device: Optional[float] = None
     ssr: Optional[SsrSpec] = None  # train.ssr = @ssr_online() / @ssr_offline()
+
+    def __post_init__(self):
+        # A wrong type (`--gin.TRAIN_STEPS="'ten'"`) would otherwise surface as a TypeError
+        # deep in the trainer; the ranges are the trainer's to check. The messages name the
+        # binding, `train.<field>=`; gin_registry.call names the macro instead when the
+        # binding is one (TRAIN_STEPS='ten').
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"train.{name}={value!r} must be an integer.")
+        value = self.peak_flops_per_device
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"train.peak_flops_per_device={value!r} must be a "
+                            "number (FLOP/s) or None.")
+        for name in ("model_dir", "initial_checkpoint_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"train.{name}={value!r} must be a path (a quoted "
+                                "string, e.g. --gin.MODEL_DIR=\"'/tmp/run'\").")
 
     def train_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments of `train()` (everything but the SSR spec)."""

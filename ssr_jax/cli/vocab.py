@@ -13,8 +13,11 @@ def main(argv=None) -> int:
                         "sentence/paragraph per line")
     parser.add_argument("--model_prefix", required=True, help="output prefix: writes "
                         "PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--extra_ids", type=int, default=vocab_lib.DEFAULT_EXTRA_IDS)
+    parser.add_argument("--vocab_size", type=int, default=32000,
+                        help="SentencePiece pieces, without the extra ids (default: 32000)")
+    parser.add_argument("--extra_ids", type=int, default=vocab_lib.DEFAULT_EXTRA_IDS,
+                        help="sentinels <extra_id_k> appended after the pieces (default: "
+                        f"{vocab_lib.DEFAULT_EXTRA_IDS})")
     args = parser.parse_args(argv)
     path = vocab_lib.train_sentencepiece(args.input, args.model_prefix, args.vocab_size)
     vocab = vocab_lib.get_vocabulary(path, args.extra_ids)

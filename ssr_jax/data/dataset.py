@@ -8,6 +8,7 @@ agreeing on when it ends.
 """
 import dataclasses
 import importlib
+import os
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
@@ -40,9 +41,18 @@ def import_task_module(module: Optional[str]):
         return
     try:
         importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise UserError(f"cannot import task module {module!r}: no module {e.name!r} on "
+                            "the search path (the current directory and PYTHONPATH="
+                            f"{os.environ.get('PYTHONPATH', '')!r}); put "
+                            f"{module.split('.')[0]}.py's directory on PYTHONPATH or fix "
+                            "MIXTURE_OR_TASK_MODULE.") from e
+        raise UserError(f"task module {module!r} was found but failed to import: {e}") from e
     except ImportError as e:
-        raise UserError(f"cannot import task module {module!r} ({e}); check "
-                        "MIXTURE_OR_TASK_MODULE and PYTHONPATH.") from e
+        raise UserError(f"task module {module!r} was found but failed to import: {e}") from e
+    except SyntaxError as e:
+        raise UserError(f"task module {module!r}: {e.filename}:{e.lineno}: {e.msg}") from e
 
 
 def get_task(name: str, module: Optional[str] = None):
@@ -52,8 +62,8 @@ def get_task(name: str, module: Optional[str] = None):
     try:
         return seqio.get_mixture_or_task(name)
     except ValueError as e:
-        raise UserError(f"unknown task {name!r} (is its module imported? "
-                        f"MIXTURE_OR_TASK_MODULE={module!r})") from e
+        from ssr_jax.data.pipeline import unknown_task_message  # pylint: disable=C0415
+        raise UserError(unknown_task_message(name, module)) from e
 
 
 def task_vocabulary(name: str, module: Optional[str] = None):
@@ -73,7 +83,8 @@ def make_pipeline(cfg: DatasetConfig, layout, repeat: bool = True,
                          task_feature_lengths=dict(lengths),
                          batch_size=layout.per_host_batch_size, shard_info=layout.shard_info,
                          seed=cfg.seed, shuffle=cfg.shuffle if shuffle is None else shuffle,
-                         pack=cfg.pack, repeat=repeat, use_cached=cfg.use_cached)
+                         pack=cfg.pack, repeat=repeat, use_cached=cfg.use_cached,
+                         module=cfg.module)
 
 
 def host_batches(cfg: DatasetConfig, partitioner, num_batches: Optional[int],
@@ -82,6 +93,8 @@ def host_batches(cfg: DatasetConfig, partitioner, num_batches: Optional[int],
 
     Without repeat the pipeline ends; hosts agree on when (a tiny allgather per batch when
     multi-host) and the last, short batches are padded with all-zero rows (zero loss weight).
+    The real rows come first; a row is real when it holds a target (the packer itself pads
+    a short last batch with all-zero rows, so the batch's row count is not the answer).
     """
     layout = partitioner.data_layout(cfg.batch_size)
     it = iter(make_pipeline(cfg, layout, repeat=repeat))
@@ -102,14 +115,23 @@ def host_batches(cfg: DatasetConfig, partitioner, num_batches: Optional[int],
                                 "on this host.")
             batch, rows = {k: v.copy() for k, v in template.items()}, 0
         else:
-            batch, rows = _pad_rows(batch, layout.per_host_batch_size)
+            batch, rows = _pad_rows(batch, layout.per_host_batch_size), _real_rows(batch)
         count += 1
         yield batch, partitioner.make_global_batch(batch), rows
 
 
-def _pad_rows(batch: Dict[str, np.ndarray], size: int) -> Tuple[Dict[str, np.ndarray], int]:
+def _pad_rows(batch: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
     rows = next(iter(batch.values())).shape[0]
     if rows == size:
-        return batch, rows
+        return batch
     return {k: np.concatenate([v, np.zeros((size - rows,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}, rows
+            for k, v in batch.items()}
+
+
+def _real_rows(batch: Dict[str, np.ndarray]) -> int:
+    """How many leading rows hold an example (a target token; padding rows are all zero)."""
+    real = np.any(batch["decoder_target_tokens"] != 0, axis=1)
+    count = int(real.sum())
+    if not real[:count].all():
+        raise ValueError("a padding row comes before a real one; real rows must lead")
+    return count

@@ -6,7 +6,14 @@ Objectives:
                      target), 'num_spans', 'masked_length'} for the online SSR stage;
   'seq2seq'          {'inputs', 'targets'} text pairs (fine-tuning), with an optional input
                      prefix such as 'summarize: '; inputs longer than the inputs length are
-                     truncated keeping their EOS (T5's convention).
+                     truncated keeping their EOS (T5's convention). Each example carries its
+                     untrimmed token counts (`<feature>_untrimmed_length`, EOS included) so
+                     InputPipeline can say how many were truncated (once per task and split).
+
+Files: register_text_task (plain text), register_jsonl_task, register_tsv_task (columns of a
+TSV file), register_parallel_files_task (source/target files, line i with line i),
+register_tfrecord_task. Text, JSONL and TSV take `line_filter`, a regex: non-blank lines it
+matches are dropped before parsing (headings, comments), e.g. r"^=+ .* =+$".
 
 Every factory takes the task's vocabulary explicitly (the library ships no task module).
 Example (a user's text file, one document per line):
@@ -16,7 +23,8 @@ Example (a user's text file, one document per line):
                                             "validation": "/data/valid.txt"},
                                  vocab.get_vocabulary("/data/spm.model"),
                                  objective="ssr_masked")
-Put such calls in a module and pass it with --gin.MIXTURE_OR_TASK_MODULE="'my_tasks'".
+Put such calls in a module (my_tasks.py) and pass it with
+--gin.MIXTURE_OR_TASK_MODULE="'my_tasks'"; its directory must be on PYTHONPATH.
 """
 import functools
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -32,6 +40,8 @@ from ssr_jax.errors import UserError
 OBJECTIVES = ("span_corruption", "ssr_masked", "seq2seq")
 DEFAULT_SHUFFLE_BUFFER = 1000  # seqio's default, as T5
 Patterns = Union[str, Sequence[str]]
+UNTRIMMED_SUFFIX = "_untrimmed_length"
+UNTRIMMED_LENGTH_KEYS = tuple(k + UNTRIMMED_SUFFIX for k in ("inputs", "targets"))
 
 
 def output_features(vocabulary: seqio.Vocabulary, objective: str) -> Mapping[str, seqio.Feature]:
@@ -58,6 +68,20 @@ def _add_prefix(ex, prefix: str):
     return out
 
 
+def record_untrimmed_lengths(dataset, output_features):
+    """Adds `<feature>_untrimmed_length` (tokens + the EOS to come) for inputs and targets,
+    before append_eos_after_trim cuts them: the exact count of truncated examples costs one
+    scalar per example, read (and removed) by InputPipeline."""
+    def add(ex):
+        out = dict(ex)
+        for key in ("inputs", "targets"):
+            if key in ex:
+                eos = int(output_features[key].add_eos)
+                out[key + UNTRIMMED_SUFFIX] = tf.size(ex[key], out_type=tf.int32) + eos
+        return out
+    return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def objective_preprocessors(objective: str, text_key: str = "text",
                             ssr_config: Optional[ssr.SsrMaskConfig] = None,
                             noise_density: float = sc.NOISE_DENSITY,
@@ -70,7 +94,7 @@ def objective_preprocessors(objective: str, text_key: str = "text",
         steps = [drop_empty_pairs]
         steps += [functools.partial(_add_prefix, prefix=prefix)] if prefix else []
         return steps + [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
-                        seqio.preprocessors.append_eos_after_trim]
+                        record_untrimmed_lengths, seqio.preprocessors.append_eos_after_trim]
     steps = [functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
              seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder()]
     if objective == "span_corruption":
@@ -95,13 +119,17 @@ def register_task(name: str, source: seqio.DataSource, objective: str,
                   vocabulary: seqio.Vocabulary, *, text_key: str = "text",
                   ssr_config: Optional[ssr.SsrMaskConfig] = None, prefix: str = "",
                   metric_fns: Sequence[Callable] = (),
+                  postprocess_fn: Optional[Callable] = None,
                   shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
                   overwrite: bool = False) -> seqio.Task:
-    """Registers `name` (replacing an existing one only when overwrite) and returns it."""
+    """Registers `name` (replacing an existing one only when overwrite) and returns it.
+    postprocess_fn: seqio's target/prediction postprocessor (e.g.
+    metrics.source_and_references(...) for GLEU)."""
     return add_task(
         name, overwrite, source=source, output_features=output_features(vocabulary, objective),
         preprocessors=objective_preprocessors(objective, text_key, ssr_config, prefix=prefix),
-        metric_fns=list(metric_fns), shuffle_buffer_size=shuffle_buffer_size)
+        metric_fns=list(metric_fns), postprocess_fn=postprocess_fn,
+        shuffle_buffer_size=shuffle_buffer_size)
 
 
 def register_text_task(name: str, split_files: Mapping[str, Patterns],
@@ -109,25 +137,30 @@ def register_text_task(name: str, split_files: Mapping[str, Patterns],
                        paragraphs: bool = False,
                        ssr_config: Optional[ssr.SsrMaskConfig] = None,
                        cache_dir: Optional[str] = None, strict: bool = False,
+                       line_filter: Optional[str] = None,
                        overwrite: bool = False) -> seqio.Task:
     """A pre-training task over plain text files: one document per line, or (paragraphs)
-    documents separated by blank lines. split_files: {split: glob pattern(s)}."""
+    documents separated by blank lines. split_files: {split: glob pattern(s)}.
+    line_filter: a regex; non-blank lines it matches are dropped (e.g. headings)."""
     if objective == "seq2seq":
-        raise UserError("plain text has no inputs/targets pair; use register_jsonl_task.")
+        raise UserError("plain text has no inputs/targets pair; use register_jsonl_task, "
+                        "register_tsv_task or register_parallel_files_task.")
     source = user_files.UserFileSource(split_files, "paragraphs" if paragraphs else "text",
-                                       {"text": "text"}, cache_dir, strict)
+                                       {"text": "text"}, cache_dir, strict, line_filter)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
                          overwrite=overwrite)
 
 
-def _fields(text_field, inputs_field, targets_field, what):
-    if text_field and (inputs_field or targets_field):
-        raise UserError(f"{what}: give text_field, or inputs_field and targets_field, not both.")
-    if text_field:
+def _fields(text_field, inputs_field, targets_field, what, kind="field"):
+    given = lambda f: f is not None and f != ""  # noqa: E731  (TSV column 0 is a field)
+    t, i, o = f"text_{kind}", f"inputs_{kind}", f"targets_{kind}"
+    if given(text_field) and (given(inputs_field) or given(targets_field)):
+        raise UserError(f"{what}: give {t}, or {i} and {o}, not both.")
+    if given(text_field):
         return {"text": text_field}, None
-    if inputs_field and targets_field:
+    if given(inputs_field) and given(targets_field):
         return {"inputs": inputs_field, "targets": targets_field}, "seq2seq"
-    raise UserError(f"{what}: give text_field, or both inputs_field and targets_field.")
+    raise UserError(f"{what}: give {t}, or both {i} and {o}.")
 
 
 def register_jsonl_task(name: str, split_files: Mapping[str, Patterns],
@@ -136,19 +169,72 @@ def register_jsonl_task(name: str, split_files: Mapping[str, Patterns],
                         targets_field: Optional[str] = None,
                         objective: Optional[str] = None, prefix: str = "",
                         metric_fns: Sequence[Callable] = (),
+                        postprocess_fn: Optional[Callable] = None,
                         ssr_config: Optional[ssr.SsrMaskConfig] = None,
                         cache_dir: Optional[str] = None, strict: bool = False,
+                        line_filter: Optional[str] = None,
                         overwrite: bool = False) -> seqio.Task:
     """A task over JSON-lines files: text_field for pre-training objectives, or
-    inputs_field + targets_field for seq2seq (fine-tuning; e.g. metric_fns=[metrics.rouge])."""
+    inputs_field + targets_field for seq2seq (fine-tuning; e.g. metric_fns=[metrics.rouge]).
+    line_filter: a regex; raw lines it matches are dropped before JSON parsing."""
     fields, implied = _fields(text_field, inputs_field, targets_field, f"task {name!r}")
     objective = objective or implied or "span_corruption"
     if (objective == "seq2seq") != (implied == "seq2seq"):
         raise UserError(f"task {name!r}: objective {objective!r} does not match the fields "
                         f"given ({sorted(fields.values())}).")
-    source = user_files.UserFileSource(split_files, "jsonl", fields, cache_dir, strict)
+    source = user_files.UserFileSource(split_files, "jsonl", fields, cache_dir, strict,
+                                       line_filter)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
-                         prefix=prefix, metric_fns=metric_fns, overwrite=overwrite)
+                         prefix=prefix, metric_fns=metric_fns, postprocess_fn=postprocess_fn,
+                         overwrite=overwrite)
+
+
+def register_tsv_task(name: str, split_files: Mapping[str, Patterns],
+                      vocabulary: seqio.Vocabulary, *,
+                      inputs_column: Union[str, int, None] = None,
+                      targets_column: Union[str, int, None] = None,
+                      text_column: Union[str, int, None] = None, header: bool = True,
+                      objective: Optional[str] = None, prefix: str = "",
+                      metric_fns: Sequence[Callable] = (),
+                      postprocess_fn: Optional[Callable] = None,
+                      ssr_config: Optional[ssr.SsrMaskConfig] = None,
+                      cache_dir: Optional[str] = None, strict: bool = False,
+                      line_filter: Optional[str] = None,
+                      overwrite: bool = False) -> seqio.Task:
+    """A task over tab-separated files (no quoting): inputs_column + targets_column for
+    seq2seq, or text_column for pre-training. Columns are header names (header=True: the
+    first line of each file names them) or 0-based indices. A line without the column is
+    skipped and reported as `file:line: reason`; a header without the name is an error.
+    line_filter: a regex; data lines it matches are dropped (the header is always read)."""
+    fields, implied = _fields(text_column, inputs_column, targets_column, f"task {name!r}",
+                              "column")
+    objective = objective or implied or "span_corruption"
+    if (objective == "seq2seq") != (implied == "seq2seq"):
+        raise UserError(f"task {name!r}: objective {objective!r} does not match the columns "
+                        f"given ({sorted(map(str, fields.values()))}).")
+    source = user_files.UserFileSource(split_files, "tsv", fields, cache_dir, strict,
+                                       line_filter, header=header)
+    return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
+                         prefix=prefix, metric_fns=metric_fns, postprocess_fn=postprocess_fn,
+                         overwrite=overwrite)
+
+
+def register_parallel_files_task(name: str, split_files: Mapping[str, Sequence],
+                                 vocabulary: seqio.Vocabulary, *, prefix: str = "",
+                                 metric_fns: Sequence[Callable] = (),
+                                 postprocess_fn: Optional[Callable] = None,
+                                 cache_dir: Optional[str] = None, strict: bool = False,
+                                 overwrite: bool = False) -> seqio.Task:
+    """A seq2seq task over parallel files (e.g. train.src / train.tgt of a translation or
+    correction corpus): split_files = {split: (source file, target file)} or a list of such
+    pairs; line i of the source is the input of line i of the target. Files of different
+    line counts are refused with both names and counts; pairs with a blank side are
+    dropped."""
+    source = user_files.UserFileSource(split_files, "parallel", cache_dir=cache_dir,
+                                       strict=strict)
+    return register_task(name, source, "seq2seq", vocabulary, prefix=prefix,
+                         metric_fns=metric_fns, postprocess_fn=postprocess_fn,
+                         overwrite=overwrite)
 
 
 def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns],
@@ -158,6 +244,7 @@ def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns],
                            targets_field: Optional[str] = None,
                            objective: Optional[str] = None, prefix: str = "",
                            metric_fns: Sequence[Callable] = (),
+                           postprocess_fn: Optional[Callable] = None,
                            ssr_config: Optional[ssr.SsrMaskConfig] = None,
                            strict: bool = False, overwrite: bool = False) -> seqio.Task:
     """A task over TFRecord files of tf.train.Example with bytes features (field names)."""
@@ -165,7 +252,8 @@ def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns],
     objective = objective or implied or "span_corruption"
     source = user_files.UserFileSource(split_files, "tfrecord", fields, strict=strict)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
-                         prefix=prefix, metric_fns=metric_fns, overwrite=overwrite)
+                         prefix=prefix, metric_fns=metric_fns, postprocess_fn=postprocess_fn,
+                         overwrite=overwrite)
 
 
 def register_tfds_text_task(name: str, tfds_name: str, objective: str,
@@ -184,6 +272,7 @@ def register_tfds_text_task(name: str, tfds_name: str, objective: str,
 def register_tfds_seq2seq_task(name: str, tfds_name: str, inputs_key: str, targets_key: str,
                                vocabulary: seqio.Vocabulary, *, prefix: str = "",
                                metric_fns: Sequence[Callable] = (),
+                               postprocess_fn: Optional[Callable] = None,
                                splits: Optional[Sequence[str]] = None,
                                tfds_data_dir: Optional[str] = None,
                                source: Optional[seqio.DataSource] = None,
@@ -196,5 +285,5 @@ def register_tfds_seq2seq_task(name: str, tfds_name: str, inputs_key: str, targe
     steps += objective_preprocessors("seq2seq", prefix=prefix)
     return add_task(
         name, overwrite, source=source, output_features=output_features(vocabulary, "seq2seq"),
-        preprocessors=steps, metric_fns=list(metric_fns),
+        preprocessors=steps, metric_fns=list(metric_fns), postprocess_fn=postprocess_fn,
         shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER)

@@ -17,22 +17,49 @@ Checkpointing the position. `get_state()` returns a JSON-able dict:
 (deterministic, but it re-runs the preprocessing of everything skipped: fine for small
 runs, slow for long ones). Either way the next batches are exactly those that would have
 come next.
+
+Truncation. Tasks built by `ssr_jax.data.factories` with the seq2seq objective carry each
+example's untrimmed token counts; the pipeline drops those features, counts the examples whose
+inputs (or targets) were longer than the feature length, and after the first
+TRUNCATION_SAMPLE examples (or the end of a shorter pass) warns once per task and split:
+"task X split Y: N of the first M examples had inputs longer than 512 tokens and were
+truncated". Counting here, when reading, is exact and costs one scalar per example; a
+mixture keeps only its output features, so its examples are not counted.
 """
 import base64
+import difflib
+import logging
 import os
 import tempfile
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from ssr_jax.data import packing
+from ssr_jax.data.factories import UNTRIMMED_LENGTH_KEYS, UNTRIMMED_SUFFIX
 from ssr_jax.errors import UserError
 
 STATE_FORMAT = 1
 # Scalar features carried per row in unpacked batches (the online SSR stage needs them).
 PASSTHROUGH_SCALARS = ("num_spans", "masked_length")
+TRUNCATION_SAMPLE = 1000  # examples counted before the one truncation warning
+_TRUNCATION_CHECKED = set()  # (task, split) already counted in this process
+
+
+def unknown_task_message(name: str, module: Optional[str] = None) -> str:
+    """The error for a task or mixture name nothing registered: close matches, and how a
+    task of one's own gets registered."""
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    known = (f"did you mean {' or '.join(map(repr, close))}?" if close else
+             f"{len(names)} registered, e.g. {names[:8]}.")
+    where = (f" MIXTURE_OR_TASK_MODULE={module!r} was imported but registers no such name."
+             if module else "")
+    return (f"unknown task or mixture {name!r}: {known}{where} A task of your own is "
+            "registered by importing its module: pass --gin.MIXTURE_OR_TASK_MODULE="
+            "\"'my_tasks'\" with my_tasks.py's directory on PYTHONPATH.")
 
 
 def hide_accelerators_from_tf():
@@ -61,12 +88,14 @@ class InputPipeline:
       shuffle, repeat: as seqio (repeat=False gives one pass, the last batch partial).
       pack: pack several examples per row (True for training).
       use_cached: read seqio's offline cache of the task.
+      module: the task module imported before (only named in the unknown-task error).
     """
 
     def __init__(self, task_or_mixture_name: str, split: str,
                  task_feature_lengths: Mapping[str, int], batch_size: int,
                  shard_info: Tuple[int, int] = (0, 1), seed: int = 0, shuffle: bool = True,
-                 pack: bool = True, repeat: bool = True, use_cached: bool = False):
+                 pack: bool = True, repeat: bool = True, use_cached: bool = False,
+                 module: Optional[str] = None):
         if "inputs" not in task_feature_lengths or "targets" not in task_feature_lengths:
             raise UserError(f"TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} needs "
                             "'inputs' and 'targets'.")
@@ -76,9 +105,7 @@ class InputPipeline:
         try:
             self.provider = seqio.get_mixture_or_task(task_or_mixture_name)
         except ValueError as e:
-            raise UserError(f"unknown task or mixture {task_or_mixture_name!r}; registered: "
-                            f"{sorted(seqio.TaskRegistry.names())[:20]}... (is its module "
-                            "imported?)") from e
+            raise UserError(unknown_task_message(task_or_mixture_name, module)) from e
         if split not in self.provider.splits:
             raise UserError(f"task {task_or_mixture_name!r} has no split {split!r}; it has "
                             f"{list(self.provider.splits)}.")
@@ -96,6 +123,9 @@ class InputPipeline:
         self._iterator = iter(self._dataset)
         self._examples = 0
         self._batches = 0
+        counted = (self.name, self.split) in _TRUNCATION_CHECKED
+        self._truncation: Optional[Dict[str, int]] = None if counted else {
+            "seen": 0, "inputs": 0, "targets": 0}
 
     # ---- dataset ---------------------------------------------------------------------
 
@@ -110,7 +140,7 @@ class InputPipeline:
         if self.shard[1] == 1:
             kwargs["shard_info"] = None
         ds = self.provider.get_dataset(**kwargs)
-        keep = ("inputs", "targets") + PASSTHROUGH_SCALARS
+        keep = ("inputs", "targets") + PASSTHROUGH_SCALARS + UNTRIMMED_LENGTH_KEYS
         missing = [k for k in ("inputs", "targets") if k not in ds.element_spec]
         if missing:
             raise UserError(f"task {self.name!r} gives no {missing} feature; the trainer "
@@ -118,9 +148,34 @@ class InputPipeline:
         return ds.map(lambda ex: {k: tf.cast(ex[k], tf.int32) for k in keep if k in ex})
 
     def _next_example(self) -> Dict[str, np.ndarray]:
-        ex = next(self._iterator)  # StopIteration ends a finite pass
+        try:
+            ex = next(self._iterator)  # StopIteration ends a finite pass
+        except StopIteration:
+            self._warn_truncation()
+            raise
         self._examples += 1
-        return {k: v.numpy() for k, v in ex.items()}
+        ex = {k: v.numpy() for k, v in ex.items()}
+        untrimmed = {k[:-len(UNTRIMMED_SUFFIX)]: int(ex.pop(k)) for k in UNTRIMMED_LENGTH_KEYS
+                     if k in ex}
+        if untrimmed and self._truncation is not None:
+            self._truncation["seen"] += 1
+            for key, length in untrimmed.items():
+                self._truncation[key] += int(length > self.lengths[key])
+            if self._truncation["seen"] >= TRUNCATION_SAMPLE:
+                self._warn_truncation()
+        return ex
+
+    def _warn_truncation(self):
+        """The one warning per (task, split) and process; nothing when none was cut."""
+        counts, self._truncation = self._truncation, None
+        if not counts or not counts["seen"] or (self.name, self.split) in _TRUNCATION_CHECKED:
+            return
+        _TRUNCATION_CHECKED.add((self.name, self.split))
+        for key in ("inputs", "targets"):
+            if counts[key]:
+                logging.warning("task %s split %s: %d of the first %d examples had %s longer "
+                                "than %d tokens and were truncated", self.name, self.split,
+                                counts[key], counts["seen"], key, self.lengths[key])
 
     def _example_stream(self):
         while True:

@@ -18,7 +18,8 @@ SSR has two steps around a teacher (a pretrained T5):
    Fill k is valid when `<extra_id_k>` is followed by `<extra_id_k+1>` as the next sentinel
    (before EOS/padding); its first valid occurrence is used. A missing or malformed fill
    (skipped or out-of-order sentinel, output cut by the length limit) falls back to the
-   empty fill `<extra_id_k> <extra_id_k+1>` for that span only, and is counted.
+   empty fill `<extra_id_k> <extra_id_k+1>` for that span only, and is counted; so are
+   well-formed empty fills and fills dropped for the student's input length (RewriteStats).
 
 Lengths. With a teacher input of length I (with EOS) and a well-formed teacher output of
 length T, the student input has length I + T - 1. So the student input fits an inputs length
@@ -269,15 +270,21 @@ def scalar_feature() -> seqio.Feature:
 @dataclasses.dataclass
 class RewriteStats:
     """Counts (and token totals) of rewritten spans; `merge` adds two, so the same type
-    serves one batch, a logging window, a whole run and generate-spans' progress files."""
+    serves one batch, a logging window, a whole run and generate-spans' progress files.
+
+    Every span is exactly one of: a non-empty fill, an empty fill (the teacher wrote
+    `<x_k> <x_k+1>`), a fallback (no well-formed fill: rewritten with the empty fill) or
+    truncated (a well-formed non-empty fill dropped for the student's input length), so
+    spans = nonempty_fills + empty_fills + fallbacks + truncated."""
 
     spans: int = 0  # spans in the teacher inputs
-    valid_fills: int = 0  # spans whose teacher fill was well-formed (incl. truncated)
-    fallbacks: int = 0  # spans rewritten with the empty fill (missing/malformed)
-    truncated: int = 0  # valid fills dropped because the student input would not fit
-    exact_copies: int = 0  # used fills identical to the original span (needs targets)
+    nonempty_fills: int = 0  # well-formed, non-empty fills the student sees
+    empty_fills: int = 0  # well-formed empty fills (nothing between the sentinels)
+    fallbacks: int = 0  # no well-formed fill (missing/malformed): rewritten empty
+    truncated: int = 0  # well-formed non-empty fills dropped: the input would not fit
+    exact_copies: int = 0  # non-empty fills identical to the original span (needs targets)
     overlong_inputs: int = 0  # rows still too long with empty fills (cut, EOS kept)
-    fill_tokens: int = 0  # tokens of the fills used (valid_fills - truncated of them)
+    fill_tokens: int = 0  # tokens of the non-empty fills the student sees
     original_spans: int = 0  # original spans read from the targets (needs targets)
     original_tokens: int = 0  # their tokens
 
@@ -289,18 +296,32 @@ class RewriteStats:
         return {k: int(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_json(cls, d: Optional[Mapping[str, int]]) -> "RewriteStats":
-        return cls(**{k: int(v) for k, v in (d or {}).items()})
+    def from_json(cls, d: Optional[Mapping[str, int]], source: str = "SSR statistics"
+                  ) -> "RewriteStats":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "valid_fills" in d:  # before empty fills were told apart from non-empty ones
+            raise UserError(f"{source}: rewrite statistics from an older ssr-jax (valid_fills "
+                            "counted empty and truncated fills as valid); regenerate into a "
+                            "new OUTPUT_DIR.")
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"{source}: unknown rewrite statistics {unknown}.")
+        return cls(**{k: int(v) for k, v in d.items()})
 
     def summary(self) -> Mapping[str, float]:
-        """Scalars for logging."""
+        """Scalars for logging. The four `*_rate` shares of spans (non-empty, empty,
+        fallback, truncated) add up to 1; exact copies and the mean fill length are over
+        the non-empty fills."""
         spans = max(self.spans, 1)
-        used = self.valid_fills - self.truncated
-        return {"ssr/spans": self.spans, "ssr/valid_fill_rate": self.valid_fills / spans,
+        return {"ssr/spans": self.spans,
+                "ssr/nonempty_fill_rate": self.nonempty_fills / spans,
+                "ssr/empty_fill_rate": self.empty_fills / spans,
                 "ssr/fallback_rate": self.fallbacks / spans,
                 "ssr/truncated_rate": self.truncated / spans,
-                "ssr/exact_copy_rate": self.exact_copies / max(self.valid_fills, 1),
-                "ssr/mean_fill_length": self.fill_tokens / used if used else 0.0,
+                "ssr/exact_copy_rate": self.exact_copies / max(self.nonempty_fills, 1),
+                "ssr/mean_fill_length": (self.fill_tokens / self.nonempty_fills
+                                         if self.nonempty_fills else 0.0),
                 "ssr/mean_original_length": (self.original_tokens / self.original_spans
                                              if self.original_spans else 0.0),
                 "ssr/overlong_inputs": self.overlong_inputs}
@@ -372,7 +393,7 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
         the first id >= vocab_size (the model's padded vocabulary has unused ids).
       vocab_size: the vocabulary's size with extra ids (`vocab.vocab_size`, not padded).
       targets: optional int [B, S] student targets, for exact-copy and original-length stats.
-      max_length: if set, a student input longer than this has its last valid fills
+      max_length: if set, a student input longer than this has its last non-empty fills
         replaced by empty fills until it fits (counted as `truncated`).
       pad_to: if set, return a 0-padded int32 [B, pad_to] array instead of a list.
 
@@ -413,24 +434,25 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
         ks = [vocab_lib.sentinel_index(vocab_size, tin[p]) for p in sent_pos]
         used = [fills.get(k) for k in ks]
         stats.spans += len(ks)
-        valid = sum(u is not None for u in used)
-        stats.valid_fills += valid
-        stats.fallbacks += len(ks) - valid
+        stats.fallbacks += sum(u is None for u in used)
+        stats.empty_fills += sum(u == [] for u in used)
         if max_length is not None:
-            # Empty-fill length: context + 2 sentinels per span + EOS.
-            size = len(tin) + len(ks) + 1 + sum(len(u) for u in used if u is not None)
+            # Empty-fill length: context + 2 sentinels per span + EOS. Dropping an empty
+            # fill saves nothing, so only non-empty ones are truncated.
+            size = len(tin) + len(ks) + 1 + sum(len(u) for u in used if u)
             for i in range(len(used) - 1, -1, -1):
                 if size <= max_length:
                     break
-                if used[i] is not None:
+                if used[i]:
                     size -= len(used[i])
                     used[i] = None
                     stats.truncated += 1
+        stats.nonempty_fills += sum(bool(u) for u in used)
         out, prev = [], 0
         for i, (p, k) in enumerate(zip(sent_pos, ks)):
             out.extend(tin[prev:p])
             out.append(tin[p])
-            if used[i] is not None:
+            if used[i]:
                 out.extend(used[i])
                 stats.fill_tokens += len(used[i])
                 if origs is not None and k < len(origs) and used[i] == origs[k]:

@@ -3,7 +3,11 @@
 Export writes model.safetensors (PyTorch layout: Linear weights are [out, in]), a
 config.json for `T5ForConditionalGeneration` and, given a SentencePiece model, the tokenizer
 files. Import reads safetensors (single or sharded); a PyTorch .bin is read only through
-`torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+`torch.load(weights_only=True)`, which refuses arbitrary pickled objects. Before any tensor
+data is read, config.json's sizes are checked against the tensors' shapes (safetensors
+headers; a .bin must be loaded to know them) and a weight index may only name files inside
+the model directory, so a hostile config or index cannot make import allocate without bound
+or read files elsewhere.
 
 Tying: our T5Config.tie_word_embeddings means T5 1.0 (shared output layer, logits scaled
 by d_model**-0.5); untied means T5 1.1 (separate `lm_head`, no scaling). transformers 5
@@ -12,6 +16,7 @@ both flags and import reads the scaling flag first.
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
@@ -198,13 +203,94 @@ def params_to_hf_state(params, config: T5Config) -> HFState:
     return out
 
 
+def _layer_indices(shapes, stack: str):
+    found = set()
+    for name in shapes:
+        m = re.match(rf"{stack}\.block\.(\d+)\.", name)
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+def _check_sizes(shapes: Dict[str, Tuple[int, ...]], config: T5Config, source: str):
+    """config.json's layer counts and sizes against the tensors present; runs before the
+    (per-layer) name map is built, so a config with 10**9 layers costs nothing."""
+    for stack, n, key in (("encoder", config.num_encoder_layers, "num_layers"),
+                          ("decoder", config.num_decoder_layers, "num_decoder_layers")):
+        found = _layer_indices(shapes, stack)
+        if len(found) != n or found != set(range(n)):  # the length first: n may be huge
+            k, extra = len(found), ""
+            if found == set(range(k)):
+                held = (f"no {stack} blocks" if not k else f"{stack} block 0" if k == 1
+                        else f"{stack} blocks 0-{k - 1}")
+                lo, hi, what = (k, n - 1, "missing") if n > k else (n, k - 1, "unexpected")
+                extra = (f"; block {lo} is {what}" if lo == hi else
+                         f"; blocks {lo}-{hi} are {what}")
+            else:
+                held = (f"{stack} block indices {sorted(found)[:6]}"
+                        f"{' ...' if k > 6 else ''}")
+            raise UserError(f"{source}: config.json implies {n} {stack} layers ({key}) but the "
+                            f"weights hold {held}{extra}; config.json does not match the "
+                            "weights.")
+    c = config
+    checks = [("shared.weight", (("vocab_size", c.vocab_size), ("d_model", c.d_model)))]
+    for stack in ("encoder", "decoder"):
+        blk = f"{stack}.block.0.layer"
+        checks += [
+                (f"{blk}.0.SelfAttention.relative_attention_bias.weight",
+                 (("relative_attention_num_buckets", c.relative_attention_num_buckets),
+                  ("num_heads", c.num_heads))),
+                (f"{blk}.0.SelfAttention.q.weight", (("num_heads x d_kv", c.num_heads * c.d_kv),
+                                                     ("d_model", c.d_model)))]
+        mlp = f"{blk}.{1 if stack == 'encoder' else 2}.DenseReluDense"
+        for wi in (f"{mlp}.wi.weight", f"{mlp}.wi_0.weight"):
+            checks.append((wi, (("d_ff", c.d_ff), ("d_model", c.d_model))))
+    for name, dims in checks:
+        shape = shapes.get(name)
+        if shape is None:
+            continue  # reported as missing below
+        implied = tuple(want for _, want in dims)
+        for axis, (key, want) in enumerate(dims):
+            if len(shape) != len(dims) or shape[axis] != want:
+                raise UserError(f"{source}: config.json says {key}={want}, so {name} should "
+                                f"have shape {implied}, but it has shape {tuple(shape)}; "
+                                "config.json does not match the weights.")
+
+
+def check_hf_shapes(shapes: Dict[str, Tuple[int, ...]], config: T5Config,
+                    source: str = SAFETENSORS):
+    """Refuses tensors (name -> shape) that do not fit `config`: layer counts, sizes, missing,
+    unexpected or mis-shaped tensors; one UserError naming `source`."""
+    _check_sizes(shapes, config, source)
+    mapping = _param_map(config)
+    expected = _expected_hf_shapes(config)
+    shapes = dict(shapes)
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # must equal shared.weight: checked when loaded
+    elif "lm_head.weight" not in shapes and "shared.weight" in shapes:
+        shapes["lm_head.weight"] = shapes["shared.weight"]  # untied copy of shared
+    missing = [k for k in mapping if k not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"{source}: missing tensors {', '.join(missing[:3])}{more}; the weights "
+                        "do not match config.json (layer counts, activation or tying).")
+    unexpected = [k for k in shapes if k not in mapping and k not in _IGNORED]
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise UserError(f"{source}: unexpected tensors {', '.join(unexpected[:3])}{more}; the "
+                        "weights do not match config.json.")
+    for name in mapping:
+        if tuple(shapes[name]) != expected[name]:
+            raise UserError(f"{source}: {name} has shape {tuple(shapes[name])} but config.json "
+                            f"implies {expected[name]}.")
+
+
 def hf_state_to_params(state: HFState, config: T5Config, source: str = SAFETENSORS):
     """HF tensor dict -> our params (nested dict of float32 numpy arrays).
 
     Raises UserError naming `source` on missing, unexpected or mis-shaped tensors.
     """
-    mapping = _param_map(config)
-    shapes = _expected_hf_shapes(config)
+    check_hf_shapes({k: tuple(np.shape(v)) for k, v in state.items()}, config, source)
     state = dict(state)
     if config.tie_word_embeddings and "lm_head.weight" in state:
         lm = state.pop("lm_head.weight")
@@ -213,27 +299,12 @@ def hf_state_to_params(state: HFState, config: T5Config, source: str = SAFETENSO
             raise UserError(f"{source}: lm_head.weight differs from shared.weight but the config "
                             "scales tied output logits (T5 1.0); an untied lm_head with scaled "
                             "logits is not supported.")
-    untied_without_head = "lm_head.weight" not in state and "shared.weight" in state
-    if not config.tie_word_embeddings and untied_without_head:
+    if not config.tie_word_embeddings and "lm_head.weight" not in state:
         # Unscaled logits through the shared embedding: an untied copy represents it exactly.
         state["lm_head.weight"] = state["shared.weight"]
-    missing = [k for k in mapping if k not in state]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise UserError(f"{source}: missing tensors {', '.join(missing[:3])}{more}; the weights "
-                        "do not match config.json (layer counts, activation or tying).")
-    unexpected = [k for k in state if k not in mapping and k not in _IGNORED]
-    if unexpected:
-        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise UserError(f"{source}: unexpected tensors {', '.join(unexpected[:3])}{more}; the "
-                        "weights do not match config.json.")
     params: dict = {}
-    for name, (path, transpose) in mapping.items():
-        x = np.asarray(state[name])
-        if tuple(x.shape) != shapes[name]:
-            raise UserError(f"{source}: {name} has shape {tuple(x.shape)} but config.json "
-                            f"implies {shapes[name]}.")
-        x = x.astype(np.float32)
+    for name, (path, transpose) in _param_map(config).items():
+        x = np.asarray(state[name]).astype(np.float32)
         _set(params, path, np.ascontiguousarray(x.T if transpose else x))
     return params
 
@@ -269,28 +340,93 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def read_hf_weights(hf_dir: str) -> Tuple[HFState, str]:
-    """All tensors of an HF checkpoint dir and the file name used in messages."""
-    for index, reader in ((SAFETENSORS_INDEX, _read_safetensors),
-                          (TORCH_BIN_INDEX, _read_torch_bin)):
+def _safetensors_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (8-byte little-endian length,
+    then JSON), without reading any tensor data."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        shapes = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0
+                                                      for d in shape):
+                raise ValueError(f"tensor {name!r} has no valid shape")
+            shapes[name] = tuple(shape)
+        return shapes
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read safetensors ({_first_line(e)}).") from e
+
+
+def _allowed_roots(hf_dir: str):
+    """Where weight files may resolve: the model directory, and for a Hugging Face hub cache
+    snapshot (.../snapshots/<revision>, whose files link to ../../blobs) that repo's blobs."""
+    real = os.path.realpath(hf_dir)
+    roots = [real]
+    if os.path.basename(os.path.dirname(real)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(real)), "blobs"))
+    return roots
+
+
+def _index_file(hf_dir: str, name, index_path: str) -> str:
+    """The path of a weight-map entry, refused unless it names a file inside hf_dir."""
+    if (not isinstance(name, str) or not name or os.path.isabs(name)
+            or ".." in re.split(r"[\\/]", name)):
+        raise UserError(f"{index_path}: weight file {name!r} is not a relative path inside "
+                        f"{hf_dir}; a weight index may only name files of its own directory.")
+    path = os.path.join(hf_dir, name)
+    real = os.path.realpath(path)
+    if not any(real.startswith(root + os.sep) for root in _allowed_roots(hf_dir)):
+        raise UserError(f"{index_path}: weight file {name!r} resolves (through a link) to "
+                        f"{real}, outside {hf_dir}; a weight index may only name files of "
+                        "its own directory.")
+    return path
+
+
+def _weight_files(hf_dir: str) -> Tuple[list, bool, str]:
+    """(weight file paths, safetensors?, the file named in messages)."""
+    for index, is_st in ((SAFETENSORS_INDEX, True), (TORCH_BIN_INDEX, False)):
         index_path = os.path.join(hf_dir, index)
         if os.path.exists(index_path):
             try:
                 with open(index_path) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as e:
+                    weight_map = json.load(f)["weight_map"]
+                names = sorted(set(weight_map.values()), key=str)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"{index_path}: not a valid weight index ({_first_line(e)}).") \
                     from e
-            state: HFState = {}
-            for name in files:
-                state.update(reader(os.path.join(hf_dir, name)))
-            return state, index_path
-    for name, reader in ((SAFETENSORS, _read_safetensors), (TORCH_BIN, _read_torch_bin)):
+            return [_index_file(hf_dir, n, index_path) for n in names], is_st, index_path
+    for name, is_st in ((SAFETENSORS, True), (TORCH_BIN, False)):
         path = os.path.join(hf_dir, name)
         if os.path.exists(path):
-            return reader(path), path
+            return [path], is_st, path
     raise UserError(f"{hf_dir}: no {SAFETENSORS} or {TORCH_BIN}; not a Hugging Face T5 "
                     "checkpoint directory.")
+
+
+def read_hf_weights(hf_dir: str, config: Optional[T5Config] = None) -> Tuple[HFState, str]:
+    """All tensors of an HF checkpoint dir and the file name used in messages. With a
+    config, safetensors shapes are checked against it before any tensor is read."""
+    files, is_st, source = _weight_files(hf_dir)
+    if is_st and config is not None:
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        for path in files:
+            shapes.update(_safetensors_shapes(path))
+        check_hf_shapes(shapes, config, source)
+    reader = _read_safetensors if is_st else _read_torch_bin
+    state: HFState = {}
+    for path in files:
+        state.update(reader(path))
+    return state, source
 
 
 def read_hf_config(hf_dir: str) -> T5Config:
@@ -314,7 +450,7 @@ def read_hf_config(hf_dir: str) -> T5Config:
 def import_hf(hf_dir: str):
     """Reads an HF T5 directory -> (params as a nested dict of float32 arrays, T5Config)."""
     config = read_hf_config(hf_dir)
-    state, source = read_hf_weights(hf_dir)
+    state, source = read_hf_weights(hf_dir, config)
     return hf_state_to_params(state, config, source), config
 
 

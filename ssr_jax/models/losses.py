@@ -85,8 +85,8 @@ def summed_metrics(logits: jax.Array, targets: jax.Array, weights: Optional[jax.
     """Weighted sums over tokens: (loss_sum, aux) as the BaseModel contract describes.
 
     weights=None weights every non-pad (target != 0) token by 1. loss_sum is
-    cross_ent_sum + z_loss_sum; correct_sum counts weighted tokens whose target has the
-    largest logit (argmax hits; a tie for the top counts as a hit).
+    cross_ent_sum + z_loss_sum; correct_sum counts weighted tokens whose target is the
+    argmax of the logits (the first id of a tie for the top, as jnp.argmax).
     """
     if weights is None:
         weights = (targets > 0)
@@ -94,11 +94,17 @@ def summed_metrics(logits: jax.Array, targets: jax.Array, weights: Optional[jax.
     cross_ent, z = token_losses(logits, targets, z_loss, label_smoothing)
     cross_ent_sum = jnp.sum(cross_ent * weights)
     z_loss_sum = jnp.sum(z * weights)
-    # Not argmax: XLA:CPU runs its (value, index) reduce unvectorised, 30x slower than a max
-    # (a fifth of the tiny T5's train step); the max is shared with the logsumexp.
+    # Not argmax: XLA:CPU runs its (value, index) reduce unvectorised, slower than max
+    # reduces (the max is shared with the logsumexp). Same answer as argmax == target: the
+    # target holds the max and every lower id is below it (argmax takes the first of a tie,
+    # so a collapsed model with equal logits scores 0, not 1).
     logits32 = logits.astype(jnp.float32)
+    top = jnp.max(logits32, axis=-1)
     target_logit = jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
-    correct = (target_logit >= jnp.max(logits32, axis=-1)).astype(jnp.float32)
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits32.shape, logits32.ndim - 1)
+    below = jnp.max(jnp.where(vocab_ids < targets[..., None], logits32, -jnp.inf), axis=-1)
+    correct = ((target_logit == top) & ((targets == 0) | (below < target_logit))
+               ).astype(jnp.float32)
     loss_sum = cross_ent_sum + z_loss_sum
     aux = {
             "loss_sum": loss_sum,

@@ -168,6 +168,45 @@ def progress(output_dir: str, manifest: Dict[str, Any]) -> List[Optional[Dict[st
             for i in range(shards)]
 
 
+def available_steps(manifest: Dict[str, Any], records: Sequence[Optional[Dict[str, Any]]],
+                    readers: Optional[int] = None) -> int:
+    """Student steps a complete generate-spans output holds for `readers` data shards (None:
+    as many as wrote it): its num_steps, or for one pass of the split (num_steps None) the
+    full steps of the reader that gets the fewest examples (a short last step is not one)."""
+    if manifest.get("num_steps") is not None:
+        return int(manifest["num_steps"])
+    writers = int(manifest["num_shards"])
+    readers = writers if readers is None else int(readers)
+    per_step = int(manifest["ssr_examples_per_step"])
+    counts = [int(r["examples"]) if r else 0 for r in records]
+    if readers == writers:  # reader i reads writer i's files
+        return min(c // (per_step // writers) for c in counts)
+    # Otherwise every reader takes every readers-th example of all files.
+    return (sum(counts) // readers) // (per_step // readers)
+
+
+def check_offline_data(output_dir: str, train_steps: Optional[int] = None,
+                       readers: Optional[int] = None) -> Dict[str, Any]:
+    """Refuses, before any step, generate-spans output that is unfinished or holds fewer
+    steps than the run trains for; returns its manifest. A resumed run continues from its
+    saved data position, so TRAIN_STEPS is compared with the steps from the start."""
+    manifest = read_manifest(output_dir)
+    records = progress(output_dir, manifest)
+    if not all(r and r.get("complete") for r in records):
+        done = [r["chunks_done"] if r else 0 for r in records]
+        raise UserError(f"generate-spans into {output_dir} has not finished (chunks per shard: "
+                        f"{done}); rerun it to complete.")
+    if train_steps is not None:
+        have = available_steps(manifest, records, readers)
+        if train_steps > have:
+            raise UserError(
+                    f"offline SSR data {output_dir} holds {have} steps, fewer than "
+                    f"TRAIN_STEPS={train_steps}; generate {train_steps} steps with `ssr-jax "
+                    f"generate-spans` (TRAIN_STEPS={train_steps}, a new OUTPUT_DIR) or lower "
+                    f"TRAIN_STEPS to {have}.")
+    return manifest
+
+
 # --- generation -------------------------------------------------------------------------------
 def _manifest(cfg, plan: stage_lib.SlotPlan, teacher: teacher_lib.TeacherConfig, vocabulary,
               config: stage_lib.SsrStageConfig, fill_ratio: float, num_steps: Optional[int],
@@ -237,6 +276,7 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
     progress_path = os.path.join(output_dir, progress_name(shard, shards))
     record = _read_json(progress_path) or {"chunks_done": 0, "states": {}, "complete": False,
                                            "examples": 0, "stats": None}
+    RewriteStats.from_json(record.get("stats"), progress_path)  # refuse old counts up front
     if distributed.min_over_hosts(int(record["complete"])) == 1:
         print(f"generate-spans: {output_dir} is already complete "
               f"({record['examples']} examples in this shard).", flush=True)
@@ -280,7 +320,8 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
         states = {k: v for k, v in record["states"].items() if int(k) == chunk - 1}
         states[str(chunk)] = stage.get_state()
         done = ended or (total_chunks is not None and chunk >= total_chunks)
-        stats = RewriteStats.from_json(record.get("stats")).merge(stage.pop_stats())
+        stats = RewriteStats.from_json(record.get("stats"), progress_path).merge(
+                stage.pop_stats())
         record = {"chunks_done": chunk, "states": states, "complete": done,
                   "examples": int(record["examples"]) + len(examples),
                   "stats": stats.to_json()}
@@ -295,7 +336,7 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
     stage.close()
     distributed.barrier("generate_spans_done")
     if jax.process_index() == 0:
-        summary = RewriteStats.from_json(record.get("stats")).summary()
+        summary = RewriteStats.from_json(record.get("stats"), progress_path).summary()
         print(f"generate-spans: done; {record['examples']} examples in shard {shard} of "
               f"{shards} under {output_dir}; {stats_lib.describe(summary)}", flush=True)
     return record
@@ -308,11 +349,12 @@ def offline_task_name(output_dir: str) -> str:
 
 
 def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
-                  config: stage_lib.SsrStageConfig = stage_lib.SsrStageConfig()
-                  ) -> stage_lib.SSRStage:
+                  config: stage_lib.SsrStageConfig = stage_lib.SsrStageConfig(),
+                  train_steps: Optional[int] = None) -> stage_lib.SSRStage:
     """Student batches from generate-spans output: each step's group of rewritten examples
     plus the span-corruption examples, packed exactly as the online stage packs them.
-    `cfg` is the student's DatasetConfig (its task: the SSR-masked task it was made from)."""
+    `cfg` is the student's DatasetConfig (its task: the SSR-masked task it was made from);
+    train_steps: the run's TRAIN_STEPS, refused if the data holds fewer steps."""
     manifest = read_manifest(output_dir)
     vocabulary = task_vocabulary(cfg.mixture_or_task_name, cfg.module)
     plan = stage_lib.plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
@@ -326,11 +368,7 @@ def offline_stage(cfg, partitioner, num_microbatches: int, output_dir: str,
         raise UserError(f"offline SSR data {output_dir} does not fit this run (written, now): "
                         f"{wrong}; generate it with the student's lengths, BATCH_SIZE and "
                         "examples_per_row.")
-    records = progress(output_dir, manifest)
-    if not all(r and r.get("complete") for r in records):
-        done = [r["chunks_done"] if r else 0 for r in records]
-        raise UserError(f"generate-spans into {output_dir} has not finished (chunks per shard: "
-                        f"{done}); rerun it to complete.")
+    check_offline_data(output_dir, train_steps, readers=plan.ssr_shard[1])
     if manifest["num_shards"] != plan.ssr_shard[1]:
         print(f"WARNING: {output_dir} was written by {manifest['num_shards']} data shards, this "
               f"run reads {plan.ssr_shard[1]}: same examples, different batches.", flush=True)

@@ -67,9 +67,10 @@ def offline(output_dir: str, config: stage_lib.SsrStageConfig = stage_lib.SsrSta
                    num_steps=num_steps, chunk_steps=chunk_steps)
 
 
-def input_stage_factory(spec: SsrSpec, dataset):
+def input_stage_factory(spec: SsrSpec, dataset, train_steps: Optional[int] = None):
     """The trainer's stage factory for `spec` and the student's DatasetConfig, after the
-    checks that need no compute."""
+    checks that need no compute. train_steps (the run's TRAIN_STEPS): offline data holding
+    fewer steps is refused here, before anything is built."""
     if spec.mode == ONLINE:
         vocabulary = task_vocabulary(dataset.mixture_or_task_name, dataset.module)
         teacher_lib.check_teacher(spec.teacher, vocabulary, spec.student_vocab_size)
@@ -79,11 +80,13 @@ def input_stage_factory(spec: SsrSpec, dataset):
                                           spec.config, spec.student_vocab_size,
                                           spec.summary_path)
         return online_factory
-    offline_lib.read_manifest(spec.output_dir)
+    # Data shards are known only with the mesh: here the bound that one reader gets (no
+    # count of readers gets more steps); offline_stage checks the exact count.
+    offline_lib.check_offline_data(spec.output_dir, train_steps, readers=1)
 
     def offline_factory(cfg, partitioner, num_microbatches: int = 1):
         return offline_lib.offline_stage(cfg, partitioner, num_microbatches, spec.output_dir,
-                                     spec.config)
+                                         spec.config, train_steps)
     return offline_factory
 
 

@@ -30,11 +30,12 @@ them (numpy) and builds the global student batch; by then the devices are busy w
 Sampling keys come from each example's tokens and the seed, so the fills do not depend on
 the batch, mesh or host count.
 
-Metrics (`pop_metrics()`, this host's examples since the last call; ssr/stats.py): spans
-filled validly, fallbacks, truncations, exact copies of the original span, mean fill vs
-original length, the teacher's share of the step time (measured every `probe_every` steps by
-draining the devices, timing the teacher alone, and comparing with the mean step time) and
-the share of the loop's time spent blocked on the teacher.
+Metrics (`pop_metrics()`, this host's examples since the last call; ssr/stats.py): the
+shares of spans with a non-empty fill, an empty fill, a fallback and a fill dropped for
+length (they add up to 1), exact copies of the original span, mean fill vs original length,
+the teacher's share of the step time (measured every `probe_every` steps by draining the
+devices, timing the teacher alone, and comparing with the mean step time) and the share of
+the loop's time spent blocked on the teacher.
 """
 import dataclasses
 import json

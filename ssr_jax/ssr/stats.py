@@ -55,13 +55,19 @@ class StageMetrics:
 
 
 def describe(summary: Mapping[str, float]) -> str:
-    """One line of SSR statistics from `RewriteStats.summary()`-style scalars."""
+    """One line of SSR statistics from `RewriteStats.summary()`-style scalars: every span
+    is one of the four kinds, so their shares add up to 100%."""
     if not summary.get("ssr/spans"):
         return "no spans rewritten"
-    line = (f"{summary['ssr/valid_fill_rate']:.1%} of spans filled validly, "
-            f"{summary['ssr/exact_copy_rate']:.1%} exact copies, mean fill "
-            f"{summary['ssr/mean_fill_length']:.2f} vs original "
-            f"{summary['ssr/mean_original_length']:.2f} tokens")
+    if "ssr/nonempty_fill_rate" not in summary:
+        return "statistics written by an older ssr-jax (no split of empty fills)"
+    line = (f"{int(summary['ssr/spans']):,} spans: {summary['ssr/nonempty_fill_rate']:.1%} "
+            f"filled, {summary['ssr/empty_fill_rate']:.1%} empty fills, "
+            f"{summary['ssr/fallback_rate']:.1%} fallbacks (no well-formed fill), "
+            f"{summary['ssr/truncated_rate']:.1%} fills dropped for length; non-empty fills: "
+            f"{summary['ssr/exact_copy_rate']:.1%} exact copies, mean "
+            f"{summary['ssr/mean_fill_length']:.2f} tokens vs "
+            f"{summary['ssr/mean_original_length']:.2f} original")
     if "ssr/teacher_time_share" in summary:
         line += f", teacher {summary['ssr/teacher_time_share']:.0%} of the step time"
     return line

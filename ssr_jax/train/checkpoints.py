@@ -12,10 +12,12 @@ Only `params/` (+ a model_config.json in the step dir or its root) is needed by
 `load_params`, so params-only checkpoints (e.g. from import-hf) are valid initial
 checkpoints and eval/infer inputs.
 """
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Optional, Tuple
 
@@ -31,8 +33,6 @@ TRAIN_STATE = "train_state"
 DATA_STATE = "data_state"
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,19 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
+    """One readable line: TensorStore quotes its whole JSON spec in errors; keep the message
+    and the file it names instead."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    line = text[0] if text else ""
+    files = re.findall(r'"path":\s*"([^"]+)"', str(e))
+    line = re.split(r"\s*See full TensorStore details", line)[0]
+    if "{" in line:
+        line = line[:line.index("{")].rstrip(" :[(")
+    if files:  # a kvstore base dir and the array's path inside it
+        where = files[-1] if len(files) < 2 or not files[-2].endswith("/") else \
+            files[-2] + files[-1]
+        line += f" (file {where})"
+    return f"{type(e).__name__}: {line[:300]}"
 
 
 class Checkpointer:
@@ -124,26 +135,34 @@ class Checkpointer:
 
     def restore_latest(self, state_template, state_shardings) -> Optional[Tuple[Any, Any]]:
         """The newest readable checkpoint as (state, this host's data state), or None if the
-        directory has none. An unreadable newest checkpoint is moved aside with a warning and
-        the previous one is tried."""
+        directory has none. Unreadable newer checkpoints are moved aside (one warning line
+        each) only once an older one has been restored: when none is readable nothing is
+        moved and every call raises, so a rerun never silently starts from step 0."""
         steps = sorted(self._manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
+        failures = []  # (step, one-line reason), newest first
+        for step in steps:
             try:
-                return self._restore(step, state_template, state_shardings)
+                with _quiet_orbax():
+                    restored = self._restore(step, state_template, state_shardings)
             except UserError:
                 raise  # readable but does not fit this model/optimizer: not corruption
             except Exception as e:  # pylint: disable=broad-except
-                older = steps[i + 1] if i + 1 < len(steps) else None
-                msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                       f"({_first_line(e)}); "
-                       + (f"falling back to step {older}." if older is not None
-                          else "no earlier checkpoint; starting from scratch is refused."))
-                log.warning(msg)
-                print(msg, flush=True)
-                self._quarantine(step)
+                failures.append((step, _first_line(e)))
+                continue
+            for bad, reason in failures:
+                moved = self._quarantine(bad)
+                print(f"WARNING: checkpoint step {bad} in {self.directory} is unreadable "
+                      f"({reason}); falling back to step {step}"
+                      + (f" (moved aside to {moved})." if moved else "."), flush=True)
+            if failures:
+                distributed.barrier("quarantine_checkpoint")
+                self._manager.reload()
+            return restored
         if steps:
-            raise UserError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
-                            "remove the directory to start afresh or fix the files.")
+            tried = "; ".join(f"step {s} ({reason})" for s, reason in failures)
+            raise UserError(f"no readable checkpoint in {self.directory}: {tried}; nothing was "
+                            "moved: fix or remove the step directories (or use a fresh "
+                            "MODEL_DIR) to start afresh.")
         return None
 
     def _restore(self, step: int, template, shardings):
@@ -172,24 +191,43 @@ class Checkpointer:
             raise ValueError(f"stored step {int(state.step)} != directory step {step}")
         return state, _host_state(restored[DATA_STATE], step)
 
-    def _quarantine(self, step: int):
-        if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            dst = os.path.join(self.directory, f"{step}.corrupt-{int(time.time())}")
-            if os.path.isdir(src):
-                os.rename(src, dst)
-                print(f"WARNING: moved the unreadable checkpoint to {dst}", flush=True)
-        distributed.barrier("quarantine_checkpoint")
-        self._manager.reload()
+    def _quarantine(self, step: int) -> Optional[str]:
+        """Renames an unreadable step dir to <step>.corrupt-<time> (process 0); its new path."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, f"{step}.corrupt-{int(time.time())}")
+        if jax.process_index() != 0 or not os.path.isdir(src):
+            return None
+        os.rename(src, dst)
+        return dst
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """A failed restore makes Orbax/absl log warnings and TensorStore's asyncio callbacks log
+    'Event loop is closed' errors, hundreds of lines for one unreadable file; the caller
+    reports each failure in one line instead."""
+    names = ("absl", "asyncio", "orbax", "tensorstore")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _stored_tree(item_dir: str) -> Any:
     """The stored tree of array metadata (shape, dtype) of one Orbax pytree item."""
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return checkpointer.metadata(item_dir).item_metadata.tree
+        metadata = checkpointer.metadata(item_dir).item_metadata
     finally:
         checkpointer.close()
+    if metadata is None:
+        raise ValueError(f"no readable array metadata (_METADATA) in {item_dir}")
+    return metadata.tree
 
 
 def _host_state(stored: Optional[dict], step: int) -> Any:
@@ -223,15 +261,27 @@ def resolve_step_dir(checkpoint_path: str) -> str:
                     f"'{PARAMS}/' or a directory of numbered step directories.")
 
 
-def load_model_config(checkpoint_path: str) -> Optional[dict]:
-    """The model_config.json of a checkpoint (its step dir, else its root), or None."""
+def model_config_path(checkpoint_path: str) -> Optional[str]:
+    """The model_config.json of a checkpoint (its step dir's, else its root's), or None."""
     step_dir = resolve_step_dir(checkpoint_path)
     for d in (step_dir, os.path.dirname(step_dir)):
         f = os.path.join(d, MODEL_CONFIG_FILE)
         if os.path.exists(f):
-            with open(f) as fh:
-                return json.load(fh)
+            return f
     return None
+
+
+def load_model_config(checkpoint_path: str) -> Optional[dict]:
+    """The model_config.json of a checkpoint (its step dir, else its root), or None."""
+    path = model_config_path(checkpoint_path)
+    if path is None:
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it or give the model's gin "
+                        "file.") from e
 
 
 def load_params(checkpoint_path: str, shardings: Any = None, abstract_params: Any = None) -> Any:

@@ -79,17 +79,20 @@ def loss_and_grads(model: BaseModel, params: Any, batch: Mapping[str, jax.Array]
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: BaseModel,
                optimizer: Optimizer, partitioner: Partitioner,
                num_microbatches: int = 1) -> Tuple[TrainState, Metrics]:
-    """One update. A step whose loss or gradient is not finite applies no update (params and
-    optimizer state are kept) and increments the non-finite counters; the step still counts
-    (its batch is consumed)."""
+    """One update. A step whose loss, gradient or resulting params are not finite applies no
+    update (params and optimizer state are kept) and increments the non-finite counters; the
+    step still counts (its batch is consumed)."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     loss, grads, sums = loss_and_grads(model, state.params, batch, dropout_rng, partitioner,
                                        num_microbatches)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
     updates, new_opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # Finite gradients can still overflow the params (a huge learning rate): checked per
+    # element, as a norm of large finite params could itself overflow.
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                       for p in jax.tree.leaves(new_params)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
     nonfinite = jnp.where(finite, 0, 1).astype(jnp.int32)
     new_state = state.replace(

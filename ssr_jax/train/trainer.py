@@ -31,7 +31,7 @@ StageFactory = Callable[[DatasetConfig, Partitioner, int], InputStage]
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss, gradient or updated params."""
 
 
 @dataclasses.dataclass
@@ -55,7 +55,28 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
     run = _Run.setup(**locals())
     state, stage, result = run.state, run.stage, TrainResult(run.state, [], [])
     step = int(jax.device_get(state.step))
-    batch = stage.start_next().result() if step < train_steps else None
+    if step >= train_steps:
+        print(f"already at step {step} (TRAIN_STEPS={train_steps}) in {model_dir}: nothing to "
+              "train; raise TRAIN_STEPS to train further.", flush=True)
+        run.close()
+        return result
+    try:
+        state = _loop(run, result, state, step, train_steps, eval_every, log_every)
+    except BaseException:
+        # Divergence, an error, Ctrl-C: let the in-flight async save finish (the latest
+        # checkpoint stays restorable, no *-tmp dir is left) and close the rest quietly.
+        run.close(quietly=True)
+        raise
+    run.close()
+    result.state = state
+    return result
+
+
+def _loop(run: "_Run", result: TrainResult, state: ts.TrainState, step: int, train_steps: int,
+          eval_every: int, log_every: int) -> ts.TrainState:
+    """Steps from `step` to `train_steps` (or a preemption); returns the last state."""
+    stage = run.stage
+    batch = stage.start_next().result()
     window, tick, paused = [], time.time(), 0.0  # paused: eval time inside a log window
     # Multi-process: exits if a step hangs (a stuck peer or collective), see distributed.py.
     watchdog = distributed.step_watchdog()
@@ -85,9 +106,7 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
                 result.preempted = True
                 break
             watchdog.kick(step)
-    run.close()
-    result.state = state
-    return result
+    return state
 
 
 @dataclasses.dataclass
@@ -95,11 +114,11 @@ class _Run:
     """Everything the loop needs, built once."""
 
     state: ts.TrainState
-    stage: InputStage
-    train_step: Callable
+    stage: Optional[InputStage]  # None (and so are the step, logger, evaluate): run finished
+    train_step: Optional[Callable]
     checkpointer: ckpt.Checkpointer
-    logger: metrics_lib.MetricsLogger
-    evaluate: Callable[[Any, int], Dict[str, float]]
+    logger: Optional[metrics_lib.MetricsLogger]
+    evaluate: Optional[Callable[[Any, int], Dict[str, float]]]
     max_consecutive_nonfinite: int
 
     @classmethod
@@ -109,6 +128,11 @@ class _Run:
               peak_flops_per_device) -> "_Run":
         if train_steps <= 0 or log_every <= 0:
             raise UserError(f"TRAIN_STEPS={train_steps} and log_every={log_every} must be > 0.")
+        if max_consecutive_nonfinite < 1:
+            raise UserError(
+                    f"train.max_consecutive_nonfinite={max_consecutive_nonfinite} must be >= 1: "
+                    "training stops after that many consecutive skipped (non-finite) steps; "
+                    "to never stop, set it above TRAIN_STEPS.")
         os.makedirs(model_dir, exist_ok=True)
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
               f"{jax.process_count()} process(es); mesh {partitioner.mesh_sizes}", flush=True)
@@ -119,6 +143,11 @@ class _Run:
                                          checkpoint, model_config=model.config_dict())
         state, data_state = _initial_state(model, optimizer, partitioner, abstract, shardings,
                                            checkpointer, initial_checkpoint_path, seed)
+        step = int(jax.device_get(state.step))
+        if step >= train_steps:  # a finished run: nothing more is built
+            return cls(state, None, None, checkpointer, None, None, max_consecutive_nonfinite)
+        # Logs past the restored step came from steps that are trained again now.
+        metrics_lib.drop_steps_after(model_dir, step)
         factory = input_stage_factory or PipelineInputStage.from_config
         stage = factory(train_dataset, partitioner, num_microbatches)
         if data_state is not None:
@@ -129,8 +158,10 @@ class _Run:
         li, lt = lengths.get("inputs", 0), lengths.get("targets", 0)
         flops = model.train_flops(train_dataset.batch_size, li, lt)
         tokens = train_dataset.batch_size * (li + lt)  # incl. padding
+        # MFU against the peak of the activation dtype (fp32 for models without a config).
+        dtype = (model.config_dict() or {}).get("dtype", "float32")
         logger = metrics_lib.MetricsLogger(model_dir, train_steps, tokens, flops,
-                                           metrics_lib.peak_flops(peak_flops_per_device))
+                                           metrics_lib.peak_flops(peak_flops_per_device, dtype))
         print(f"model: {metrics_lib.count_params(abstract.params):,} params; "
               f"batch {train_dataset.batch_size}; {tokens:,} tokens/step", flush=True)
         evaluate = _make_evaluator(model, partitioner, shardings.params, eval_dataset,
@@ -153,16 +184,30 @@ class _Run:
         scalars = self.logger.log_train(step, summed, len(window), seconds, extra)
         worst = max(int(m["nonfinite_consecutive"]) for m in fetched)
         if worst >= self.max_consecutive_nonfinite:
+            self.checkpointer.wait()  # the save in flight is the last good checkpoint
             raise TrainingDiverged(
-                    f"stopped at step {step}: {worst} consecutive steps had a non-finite loss or "
-                    "gradient (their updates were skipped); lower the learning rate or check "
-                    f"the data. Checkpoints: {self.checkpointer.directory}")
+                    f"stopped at step {step}: {worst} consecutive steps had a non-finite loss, "
+                    "gradient or update (their updates were skipped); lower the learning rate "
+                    "or check the data. " + _latest_checkpoint(self.checkpointer))
         return {"step": step, **scalars}
 
-    def close(self):
-        self.stage.close()
-        self.checkpointer.close()
-        self.logger.close()
+    def close(self, quietly: bool = False):
+        """Waits for the last checkpoint save and closes the stage and logs. quietly (closing
+        after an error): a failure here is one line, not a second traceback."""
+        for part in (self.checkpointer, self.stage, self.logger):
+            try:
+                if part is not None:
+                    part.close()
+            except Exception as e:  # pylint: disable=broad-except
+                if not quietly:
+                    raise
+                print(f"WARNING: while stopping: {type(e).__name__}: {e}", flush=True)
+
+
+def _latest_checkpoint(checkpointer: ckpt.Checkpointer) -> str:
+    latest = checkpointer.latest_step()
+    return (f"No checkpoint was saved in {checkpointer.directory}." if latest is None else
+            f"The last checkpoint, step {latest}, is in {checkpointer.directory}.")
 
 
 def _initial_state(model, optimizer, partitioner, abstract, shardings, checkpointer,
@@ -184,25 +229,50 @@ def _initial_state(model, optimizer, partitioner, abstract, shardings, checkpoin
     return ts.init_state(model, optimizer, partitioner, shardings, seed), None
 
 
+class _SplitBatches:
+    """Iterates over up to `num_batches` batches of a split (all of it when None or <= 0),
+    each example once (no wrapping around); `whole` then says whether that was the whole
+    split (one batch more is read to know)."""
+
+    def __init__(self, cfg: DatasetConfig, partitioner: Partitioner,
+                 num_batches: Optional[int]):
+        self.cfg, self.partitioner = cfg, partitioner
+        self.limit = num_batches if num_batches and num_batches > 0 else None
+        self.whole = True
+
+    def __iter__(self):
+        ask = None if self.limit is None else self.limit + 1
+        for i, item in enumerate(host_batches(self.cfg, self.partitioner, ask, repeat=False)):
+            if i == self.limit:
+                self.whole = False
+                return
+            yield item
+
+
 def _make_evaluator(model, partitioner, param_shardings, cfg: Optional[DatasetConfig],
                     eval_steps: int, logger: metrics_lib.MetricsLogger):
-    """Eval over a fixed set of `eval_steps` batches (read once, kept on the host)."""
+    """Eval over the split's first `eval_steps` batches, or the whole split if it has no
+    more (each example once; read once, kept on the host)."""
     if cfg is None:
         raise UserError("eval_every is set but there is no eval_dataset; bind "
                         "train.eval_dataset or set train.eval_every = 0.")
     cache: List[Dict[str, np.ndarray]] = []
+    batches = _SplitBatches(cfg, partitioner, eval_steps)
     step_fn = steps_lib.make_eval_step(model, partitioner, param_shardings)
 
     def evaluate(params, step: int) -> Dict[str, float]:
         if not cache:
-            cache.extend(b for b, _, _ in host_batches(cfg, partitioner, eval_steps,
-                                                        repeat=True))
+            cache.extend(b for b, _, _ in batches)
+        if not cache:
+            raise UserError(f"eval split {cfg.split!r} of {cfg.mixture_or_task_name!r} is "
+                            "empty; bind another train.eval_dataset or set train.eval_every = 0.")
         sums = None
         for host_batch in cache:
             out = step_fn(params, partitioner.make_global_batch(host_batch))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         summed = {k: float(v) for k, v in jax.device_get(sums).items()}
-        return {"step": step, **logger.log_eval(step, summed, len(cache))}
+        return {"step": step, **logger.log_eval(step, summed, len(cache),
+                                                whole_split=batches.whole)}
 
     return evaluate
 
@@ -235,7 +305,8 @@ def evaluate(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
     step_fn = steps_lib.make_eval_step(model, partitioner, shardings)
     logger = metrics_lib.MetricsLogger(model_dir, 0, 0, 0.0, float("nan"))
     sums, count = None, 0
-    for _, batch, _ in host_batches(dataset, partitioner, num_batches, repeat=False):
+    batches = _SplitBatches(dataset, partitioner, num_batches)
+    for _, batch, _ in batches:
         out = step_fn(params, batch)
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         count += 1
@@ -243,7 +314,8 @@ def evaluate(*, model: BaseModel, checkpoint_path: str, dataset: DatasetConfig,
         raise UserError(f"split {dataset.split!r} of {dataset.mixture_or_task_name!r} is empty.")
     summed = {k: float(v) for k, v in jax.device_get(sums).items()}
     step = _checkpoint_step(checkpoint_path)
-    scalars = logger.log_eval(step, summed, count, name=f"eval_{dataset.split}")
+    scalars = logger.log_eval(step, summed, count, name=f"eval_{dataset.split}",
+                              whole_split=batches.whole)
     logger.close()
     return scalars
 
