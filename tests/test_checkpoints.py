@@ -78,18 +78,23 @@ def _damage(step_dir, damage):
             os.remove(f)
 
 
-@pytest.mark.parametrize("damage", DAMAGES)
-def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path, capfd, damage):
+def _two_checkpoints(root):
+    """Steps 2 and 4 saved in root: (state 2, state 4, shardings, abstract state)."""
     part = Partitioner({"data": 8})
     s2, shardings = _state(part, step=2, seed=2)
     s4, _ = _state(part, step=4, seed=4)
-    saver = _checkpointer(tmp_path)
+    saver = _checkpointer(root)
     saver.save(s2, {"position": 2})
     saver.save(s4, {"position": 4})
     saver.close()
+    return s2, s4, shardings, ts.abstract_state(BigramModel(), optimizers.adafactor(0.1))
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path, capfd, damage):
+    s2, s4, shardings, abstract = _two_checkpoints(tmp_path)
     _damage(tmp_path / "4", damage)
     capfd.readouterr()
-    abstract = ts.abstract_state(BigramModel(), optimizers.adafactor(0.1))
     restored, data_state = _checkpointer(tmp_path).restore_latest(abstract, shardings)
     assert int(restored.step) == 2 and data_state == {"position": 2}
     _assert_same(restored.params, s2.params)
@@ -110,17 +115,10 @@ def test_unreadable_latest_checkpoint_falls_back_with_one_warning_line(tmp_path,
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_all_checkpoints_unreadable_is_refused_every_time_and_nothing_moved(tmp_path, capfd,
                                                                              damage):
-    part = Partitioner({"data": 8})
-    s2, shardings = _state(part, step=2, seed=2)
-    s4, _ = _state(part, step=4, seed=4)
-    saver = _checkpointer(tmp_path)
-    saver.save(s2, {"position": 2})
-    saver.save(s4, {"position": 4})
-    saver.close()
+    _, _, shardings, abstract = _two_checkpoints(tmp_path)
     for step in (2, 4):
         _damage(tmp_path / str(step), damage)
     before = sorted(os.listdir(tmp_path))
-    abstract = ts.abstract_state(BigramModel(), optimizers.adafactor(0.1))
     capfd.readouterr()
     for _ in range(2):  # the rerun must refuse too, not start from step 0
         with pytest.raises(UserError) as e:

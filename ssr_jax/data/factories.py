@@ -163,6 +163,16 @@ def _fields(text_field, inputs_field, targets_field, what, kind="field"):
     raise UserError(f"{what}: give {t}, or both {i} and {o}.")
 
 
+def _objective(name: str, objective: Optional[str], implied: Optional[str], fields,
+               what: str) -> str:
+    """The objective given (or implied by the fields: seq2seq for an inputs/targets pair)."""
+    objective = objective or implied or "span_corruption"
+    if (objective == "seq2seq") != (implied == "seq2seq"):
+        raise UserError(f"task {name!r}: objective {objective!r} does not match the {what} "
+                        f"given ({sorted(map(str, fields.values()))}).")
+    return objective
+
+
 def register_jsonl_task(name: str, split_files: Mapping[str, Patterns],
                         vocabulary: seqio.Vocabulary, *,
                         text_field: Optional[str] = None, inputs_field: Optional[str] = None,
@@ -178,10 +188,7 @@ def register_jsonl_task(name: str, split_files: Mapping[str, Patterns],
     inputs_field + targets_field for seq2seq (fine-tuning; e.g. metric_fns=[metrics.rouge]).
     line_filter: a regex; raw lines it matches are dropped before JSON parsing."""
     fields, implied = _fields(text_field, inputs_field, targets_field, f"task {name!r}")
-    objective = objective or implied or "span_corruption"
-    if (objective == "seq2seq") != (implied == "seq2seq"):
-        raise UserError(f"task {name!r}: objective {objective!r} does not match the fields "
-                        f"given ({sorted(fields.values())}).")
+    objective = _objective(name, objective, implied, fields, "fields")
     source = user_files.UserFileSource(split_files, "jsonl", fields, cache_dir, strict,
                                        line_filter)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
@@ -208,10 +215,7 @@ def register_tsv_task(name: str, split_files: Mapping[str, Patterns],
     line_filter: a regex; data lines it matches are dropped (the header is always read)."""
     fields, implied = _fields(text_column, inputs_column, targets_column, f"task {name!r}",
                               "column")
-    objective = objective or implied or "span_corruption"
-    if (objective == "seq2seq") != (implied == "seq2seq"):
-        raise UserError(f"task {name!r}: objective {objective!r} does not match the columns "
-                        f"given ({sorted(map(str, fields.values()))}).")
+    objective = _objective(name, objective, implied, fields, "columns")
     source = user_files.UserFileSource(split_files, "tsv", fields, cache_dir, strict,
                                        line_filter, header=header)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
@@ -249,7 +253,7 @@ def register_tfrecord_task(name: str, split_files: Mapping[str, Patterns],
                            strict: bool = False, overwrite: bool = False) -> seqio.Task:
     """A task over TFRecord files of tf.train.Example with bytes features (field names)."""
     fields, implied = _fields(text_field, inputs_field, targets_field, f"task {name!r}")
-    objective = objective or implied or "span_corruption"
+    objective = _objective(name, objective, implied, fields, "fields")
     source = user_files.UserFileSource(split_files, "tfrecord", fields, strict=strict)
     return register_task(name, source, objective, vocabulary, ssr_config=ssr_config,
                          prefix=prefix, metric_fns=metric_fns, postprocess_fn=postprocess_fn,
