@@ -388,21 +388,6 @@ def gather_json(value) -> list:
             for i in range(jax.process_count())]
 
 
-def gather_rows(host_rows, count: int):
-    """Every host's first `count` rows of each array in a dict, concatenated in process
-    order (the same on every host); hosts may have different counts."""
-    import numpy as np
-    mine = {k: np.asarray(v)[:count] for k, v in host_rows.items()}
-    counts = allgather(np.array([count]))
-    if len(counts) == 1:
-        return mine
-    out = {}
-    for k, v in host_rows.items():
-        everyone = allgather(np.asarray(v))
-        out[k] = np.concatenate([everyone[i][:int(counts[i][0])] for i in range(len(counts))])
-    return out
-
-
 def reached_preemption_sync_point(step: int) -> Optional[bool]:
     """Whether the hosts agreed to stop at this step after a preemption notice (JAX's
     preemption service); None when that service is not available (single process)."""
