@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 RUN_DIR ?= runs/default
+COMPARE_DIR ?= runs/compare
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench constraints clean
+.PHONY: install run compare test test-fast bench constraints clean
 
 # Exact versions from constraints.txt (those the suite passes with), so a fresh machine
 # next year builds what was tested; `pip install` of the package alone keeps setup.py's ranges.
@@ -30,6 +31,11 @@ constraints:
 # The main job end to end on the embedded default corpus.
 run: install
 	$(VENV)/bin/ssr-jax default-run --out_dir=$(RUN_DIR)
+
+# Does SSR help? The objective comparison on the embedded default (~45 min on 2 CPU cores;
+# rerun to resume): MODEL_DIR/report.md, results.json and plots.
+compare: install
+	$(VENV)/bin/ssr-jax compare --gin_file=gin/compare/default.gin --gin.MODEL_DIR="'$(COMPARE_DIR)'"
 
 # The whole suite (CI runs this); `make test-fast` skips the few tests marked slow.
 test: install

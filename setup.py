@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "sacrebleu>=2.6,<3",
     "numpy>=2.4,<3",
     "tensorboard>=2.21,<3",  # `make run` ends by suggesting `tensorboard --logdir`
+    "matplotlib>=3.11.2,<4",  # `ssr-jax compare` plots (imported lazily)
 ]
 
 EXTRAS = {

@@ -176,6 +176,7 @@ LAYER_RULES = {
     "ssr_jax.models": 1, "ssr_jax.data": 1, "ssr_jax.partitioning": 1,
     "ssr_jax.distributed": 1,
     "ssr_jax.train": 2, "ssr_jax.ssr": 2, "ssr_jax.plan": 2, "ssr_jax.hf": 2,
+    "ssr_jax.compare": 2,
     "ssr_jax.cli": 3, "tasks": 3,
 }
 

@@ -19,13 +19,14 @@ from ssr_jax.cli import plan as plan_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SSR_JAX = os.path.join(REPO, ".venv", "bin", "ssr-jax")
-GIN_COMMANDS = ["train", "eval", "infer", "plan", "generate-spans"]
+GIN_COMMANDS = ["train", "eval", "infer", "plan", "generate-spans", "compare"]
 ARGPARSE_COMMANDS = ["export-hf", "import-hf", "default-run", "build-vocab", "corpus"]
 # The run-mode files whose macros a command's help shows (later files win, as in gin).
 RUN_FILES = {"train": ["runs/pretrain.gin"], "eval": ["runs/eval.gin"],
              "infer": ["runs/infer.gin"], "plan": ["runs/pretrain.gin"],
              "generate-spans": ["runs/pretrain.gin", "objectives/ssr_online.gin",
-                                "objectives/ssr_offline.gin"]}
+                                "objectives/ssr_offline.gin"],
+             "compare": ["compare/default.gin"]}
 
 
 def _ssr_jax(*argv):
@@ -59,13 +60,14 @@ def test_gin_command_help(command, flag):
                      "--gin_search_paths="):
         assert gin_flag in out
     for name in distributed.FLAG_NAMES:  # the multi-process flags prepare() accepts
-        assert (f"--{name}=" in out) == (command != "plan"), name
+        assert (f"--{name}=" in out) == (command not in ("plan", "compare")), name
     for name in plan_cli.OWN_FLAGS:
         assert (f"--{name}=" in out) == (command == "plan"), name
     assert f"  {gin_registry.REPO_ROOT}\n  {os.path.join(gin_registry.REPO_ROOT, 'gin')}\n" in out
     macros = _file_macros(*RUN_FILES[command])
-    assert {"MODEL_DIR", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE",
-            "TASK_FEATURE_LENGTHS", "BATCH_SIZE"} <= set(macros)
+    assert ({"MODEL_DIR"} if command == "compare" else
+            {"MODEL_DIR", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE",
+             "TASK_FEATURE_LENGTHS", "BATCH_SIZE"}) <= set(macros)
     overridden = {"plan": plan_cli.UNUSED_REQUIRED,
                   "generate-spans": generate_spans_cli.DEFAULT_MACROS}.get(command, {})
     for name, value in {**macros, **overridden}.items():

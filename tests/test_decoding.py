@@ -256,3 +256,239 @@ def test_predict_batch_methods(model_and_params):
         assert float(scores[b]) >= float(greedy_scores[b]) / ((5 + g_len[b]) / 6) ** 0.6 - 1e-5
     with pytest.raises(ValueError, match="method"):
         model.predict_batch(params, batch, dataclasses.replace(beam_cfg, method="nucleus"))
+
+
+# --- no_repeat_ngram_size ---------------------------------------------------------------------
+def ngram_bans(seq, n):
+    """The tokens HF's no_repeat_ngram_size bans after `seq` (plain python)."""
+    seen = {}
+    for j in range(len(seq) - n + 1):
+        seen.setdefault(tuple(seq[j:j + n - 1]), set()).add(seq[j + n - 1])
+    return seen.get(tuple(seq[len(seq) - n + 1:]), set()) if len(seq) >= n else set()
+
+
+def banned_by(logits, tokens, length, n):
+    out = np.asarray(jax.jit(decoding.ban_repeated_ngrams, static_argnums=3)(
+            jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(length), n))
+    return [set(np.flatnonzero(np.isneginf(row))) for row in out]
+
+
+def has_repeated_ngram(seq, n):
+    grams = [tuple(seq[j:j + n]) for j in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_ban_repeated_ngrams_equals_reference_on_random_sequences():
+    rng = np.random.RandomState(5)
+    vocab, rows, total = 7, 64, 20
+    for n in (1, 2, 3, 4):
+        # Few token values, so that repeats are frequent; garbage after each row's length.
+        tokens = rng.randint(0, max(2, 5 - n), (rows, total))
+        lengths = rng.randint(0, total + 1, rows)
+        logits = rng.standard_normal((rows, vocab)).astype(np.float32)
+        got = banned_by(logits, tokens, lengths, n)
+        want = [ngram_bans(list(tokens[b, :lengths[b]]), n) for b in range(rows)]
+        assert got == want, n
+        assert 10 < sum(map(bool, want)) < rows  # rows with and without bans
+        out = np.asarray(decoding.ban_repeated_ngrams(jnp.asarray(logits), jnp.asarray(tokens),
+                                                      jnp.asarray(lengths), n))
+        kept = ~np.isneginf(out)
+        np.testing.assert_array_equal(out[kept], logits[kept])  # allowed tokens untouched
+    # One length for all rows (a decoding step), and n = 0 or n > length change nothing.
+    assert banned_by(logits, tokens, 9, 2) == [ngram_bans(list(r[:9]), 2) for r in tokens]
+    np.testing.assert_array_equal(decoding.ban_repeated_ngrams(
+            jnp.asarray(logits), jnp.asarray(tokens), 9, 0), logits)
+    np.testing.assert_array_equal(decoding.ban_repeated_ngrams(
+            jnp.asarray(logits), jnp.asarray(tokens[:, :3]), 3, 4), logits)
+
+
+def test_ban_repeated_ngrams_equals_hugging_face():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.RandomState(6)
+    vocab, rows = 9, 32
+    for n in (1, 2, 3):
+        for length in (1, 2, 5, 12):
+            tokens = rng.randint(0, 5, (rows, length))
+            scores = rng.standard_normal((rows, vocab)).astype(np.float32)
+            hf = transformers.NoRepeatNGramLogitsProcessor(n)(
+                    torch.as_tensor(tokens), torch.as_tensor(scores)).numpy()
+            want = [set(np.flatnonzero(np.isneginf(r))) for r in hf]
+            padded = np.pad(tokens, ((0, 0), (0, 4)), constant_values=3)
+            assert banned_by(scores, padded, length, n) == want, (n, length)
+
+
+CYCLE_V = 50
+
+
+def cycle_step_fn(tokens, cache, step):
+    """A degenerate model: after token t it prefers t's successor in a 3-cycle (2 -> 3 -> 4
+    -> 2), then fixed random preferences; EOS is never likely, so it fills every position."""
+    base = jnp.asarray(np.random.RandomState(7).standard_normal((CYCLE_V, CYCLE_V)),
+                       jnp.float32)
+    nxt = jnp.where((tokens >= 2) & (tokens <= 4), (tokens - 1) % 3 + 2, 2)
+    logits = base[tokens] + 10.0 * jax.nn.one_hot(nxt, CYCLE_V)
+    return logits.at[:, EOS].set(-20.0), cache
+
+
+def greedy_reference(step_fn, batch, max_len, n):
+    """Greedy decoding step by step in numpy, the bans taken from `ngram_bans`."""
+    out = np.zeros((batch, max_len), np.int64)
+    for b in range(batch):
+        seq = [0]
+        for t in range(max_len):
+            logits = np.array(step_fn(jnp.asarray([seq[-1]]), None, t)[0][0])
+            if n:
+                logits[list(ngram_bans(seq, n))] = -np.inf
+            seq.append(int(np.argmax(logits)))
+            if seq[-1] == EOS:
+                break
+        out[b, :len(seq) - 1] = seq[1:]
+    return out
+
+
+def test_greedy_no_repeat_ngram_stops_a_degenerate_cycle():
+    batch, max_len = 2, 30
+    run = lambda **kw: jax.jit(lambda c: decoding.sample_decode(  # noqa: E731
+            cycle_step_fn, c, batch, max_len, eos_id=EOS, **kw))(jnp.zeros(batch, jnp.int32))
+    plain, plain_scores = run()
+    off, off_scores = run(no_repeat_ngram_size=0)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))  # off is today's output
+    np.testing.assert_array_equal(np.asarray(off_scores), np.asarray(plain_scores))
+    np.testing.assert_array_equal(np.asarray(plain), greedy_reference(cycle_step_fn, batch,
+                                                                      max_len, 0))
+    assert list(np.asarray(plain)[0, :6]) == [2, 3, 4, 2, 3, 4]
+    for n in (2, 3):
+        tokens, scores = run(no_repeat_ngram_size=n)
+        tokens = np.asarray(tokens)
+        np.testing.assert_array_equal(tokens, greedy_reference(cycle_step_fn, batch, max_len, n))
+        for row in tokens:
+            assert not has_repeated_ngram([0] + list(row), n)
+            assert row.all()  # every position is filled: the cycle is broken, not stopped
+        # Scores stay the model's log-probabilities of the emitted tokens.
+        seq = [0] + list(tokens[0])
+        want = sum(log_softmax(cycle_step_fn(jnp.asarray([seq[t]]), None, t)[0][0])[seq[t + 1]]
+                   for t in range(max_len))
+        np.testing.assert_allclose(float(scores[0]), want, rtol=1e-5)
+
+
+def test_sampling_bans_before_top_k_and_never_repeats():
+    batch, max_len = ROWS, 6
+    keys = decoding.row_keys(jax.random.PRNGKey(8), batch)
+    greedy, _ = sample(batch, max_len, None, no_repeat_ngram_size=2)
+    # top_k=1 after the ban is greedy with the ban (before it, a banned best token would
+    # leave nothing to sample).
+    top1, _ = sample(batch, max_len, keys, top_k=1, no_repeat_ngram_size=2)
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+    tokens, _ = sample(batch, max_len, keys, no_repeat_ngram_size=2)
+    tokens, plain = np.asarray(tokens), np.asarray(sample(batch, max_len, keys)[0])
+    for b in range(batch):
+        n = next((i + 1 for i, t in enumerate(tokens[b]) if t == EOS), max_len)
+        assert not has_repeated_ngram([0] + list(tokens[b, :n]), 2), b
+    assert any(has_repeated_ngram([0] + list(r), 2) for r in plain)  # the ban did something
+
+
+def test_beam_search_no_repeat_ngram_equals_exhaustive_search():
+    # Nothing is pruned with (V-1)**(L-1) beams, so beam search must find the best sequence
+    # among those whose n-grams (start token included, as in HF) are all distinct.
+    batch, max_len, alpha = 6, 4, 0.6
+    beams = (V - 1) ** (max_len - 1)
+    plain, _ = run_beam(batch, beams, max_len, alpha)
+    changed = 0
+    for n in (1, 2):
+        fn = jax.jit(lambda cache: decoding.beam_search(
+                make_step_fn(batch, beams), cache, batch, beams, max_len, eos_id=EOS,
+                alpha=alpha, no_repeat_ngram_size=n))
+        tokens, scores = fn(jnp.zeros((batch * beams,), jnp.int32))
+        for b in range(batch):
+            best, best_seq = -np.inf, None
+            for length in range(1, max_len + 1):
+                for seq in itertools.product(range(V), repeat=length):
+                    if (EOS in seq[:-1] or (seq[-1] != EOS and length < max_len)
+                            or has_repeated_ngram((0,) + seq, n)):
+                        continue
+                    score = sequence_logprob(b, seq) / ((5 + length) / 6) ** alpha
+                    if score > best:
+                        best, best_seq = score, seq
+            got = [int(t) for t in tokens[b]]
+            assert got == list(best_seq) + [0] * (max_len - len(best_seq)), (n, b)
+            np.testing.assert_allclose(float(scores[b]), best, rtol=1e-5)
+            changed += got != [int(t) for t in plain[b]]
+    assert changed  # the unconstrained best repeats an n-gram in some row
+
+
+def test_predict_batch_no_repeat_ngram(model_and_params):
+    model, params, batch = model_and_params
+    max_len = 12
+    for method in ("greedy", "beam"):
+        cfg = DecodeConfig(method=method, max_decode_length=max_len, num_beams=3)
+        plain, plain_scores = model.predict_batch(params, batch, cfg)
+        off, off_scores = model.predict_batch(params, batch, dataclasses.replace(
+                cfg, no_repeat_ngram_size=0))
+        np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
+        np.testing.assert_array_equal(np.asarray(off_scores), np.asarray(plain_scores))
+        assert any(has_repeated_ngram(list(r), 2) for r in np.asarray(plain))  # degenerate
+        tokens, _ = model.predict_batch(params, batch, dataclasses.replace(
+                cfg, no_repeat_ngram_size=2))
+        for row in np.asarray(tokens):
+            ids = [int(t) for t in row]
+            n = next((i + 1 for i, t in enumerate(ids) if t == CONFIG.eos_id), max_len)
+            assert not has_repeated_ngram([0] + ids[:n], 2), (method, ids)
+
+
+def test_decode_config_rejects_a_negative_ngram_size():
+    from ssr_jax.errors import UserError
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="no_repeat_ngram_size"):
+            DecodeConfig(no_repeat_ngram_size=bad)
+    assert DecodeConfig().no_repeat_ngram_size == 0
+
+
+# --- top-k then top-p (the SSR teacher's sampler) ---------------------------------------------
+def top_k_top_p_reference(logits, top_k, top_p):
+    """HF's order in float64 with a full sort: keep the top k, renormalise, keep the most
+    likely of those until their mass reaches top_p; returns the sampling distribution."""
+    logits = np.asarray(logits, np.float64)
+    order = np.argsort(-logits)[:top_k] if top_k else np.argsort(-logits)
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    kept = (np.cumsum(probs) - probs) < top_p
+    out = np.zeros_like(logits)
+    out[order[kept]] = probs[kept] / probs[kept].sum()
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (50, 1.0), (7, 0.5), (3, 1e-6), (0, 0.9)])
+def test_filter_logits_top_k_then_top_p_matches_sorted_reference(top_k, top_p):
+    logits = np.random.RandomState(2).standard_normal((6, 500)).astype(np.float32) * 3
+    ours = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k, top_p))
+    for row in range(logits.shape[0]):
+        want = top_k_top_p_reference(logits[row], top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(ours[row]), want > 0)
+        # Kept logits are untouched, so softmax(filtered) is the renormalised distribution.
+        np.testing.assert_allclose(np.exp(log_softmax(ours[row])), want, atol=1e-6)
+
+
+def test_top_k_top_p_sampling_follows_the_renormalised_distribution():
+    """20,000 one-step draws through sample_decode (temperature 1.5, top_k 8, top_p 0.8 on a
+    20-token vocabulary): the support is exactly the reference's and the frequencies match
+    its probabilities (4 standard errors)."""
+    vocab, batch, temperature, top_k, top_p = 20, 20000, 1.5, 8, 0.8
+    row = np.random.RandomState(9).standard_normal(vocab).astype(np.float32) * 2
+    want = top_k_top_p_reference(row / temperature, top_k, top_p)
+    assert 2 < (want > 0).sum() < top_k  # the nucleus cuts inside the top k
+    keys = decoding.row_keys(jax.random.PRNGKey(5), batch)
+    step_fn = lambda tokens, cache, step: (jnp.tile(  # noqa: E731
+            jnp.asarray(row), (tokens.shape[0], 1)), cache)
+    tokens, _ = jax.jit(lambda k: decoding.sample_decode(
+            step_fn, jnp.zeros(batch, jnp.int32), batch, 1, eos_id=-1, keys=k,
+            temperature=temperature, top_k=top_k, top_p=top_p))(keys)
+    freq = np.bincount(np.asarray(tokens)[:, 0], minlength=vocab) / batch
+    np.testing.assert_array_equal(freq > 0, want > 0)
+    np.testing.assert_allclose(freq, want, atol=4 * np.sqrt(0.25 / batch))
+    # Filtering the whole vocabulary (filter_logits) and drawing from it gives the same
+    # distribution as the candidates path sample_decode takes.
+    full = np.asarray(jax.jit(jax.vmap(decoding.categorical))(keys, decoding.filter_logits(
+            jnp.tile(jnp.asarray(row / temperature), (batch, 1)), top_k, top_p)))
+    np.testing.assert_allclose(np.bincount(full, minlength=vocab) / batch, want,
+                               atol=4 * np.sqrt(0.25 / batch))

@@ -1,11 +1,17 @@
-"""`ssr-jax default-run`, shrunk to a few steps: teacher -> online SSR student -> eval -> HF."""
+"""`ssr-jax default-run` (a quick `ssr-jax compare`), shrunk to a few steps: teacher, shared
+init, span-corruption and SSR arms, fine-tuning with decode-based checkpoint choice, scores,
+report, HF export; the report checked against the predictions it wrote."""
 import json
 import os
 
+import numpy as np
 import pytest
 
-from ssr_jax.cli import default_run
+from ssr_jax.cli import compare_stages, default_run
+from ssr_jax.cli.compare_spec import CompareSpec
 from ssr_jax.errors import UserError
+
+GEC = "ssr_default_gec"
 
 
 def test_rejects_bad_arguments(tmp_path):
@@ -13,33 +19,108 @@ def test_rejects_bad_arguments(tmp_path):
         default_run.main([f"--out_dir={tmp_path}", "--student_steps=0"])
 
 
+@pytest.mark.parametrize("changes, match", [
+    ({"arms": ("ssr",)}, "must include the baseline 'span_corruption'"),
+    ({"arms": ("span_corruption", "sr")}, r"unknown arm\(s\) \['sr'\]"),
+    ({"select_every": 700}, "no checkpoint to choose from"),
+    ({"tasks": ("x",)}, r"task_lengths has no lengths for \['x'\]"),
+    ({"seeds": ()}, "compare.seeds is empty"),
+])
+def test_compare_spec_refuses_bad_settings(changes, match):
+    base = dict(out_dir="/tmp/x", task_lengths={GEC: {"inputs": 8, "targets": 8}},
+                tasks=(GEC,))
+    with pytest.raises(UserError, match=match):
+        CompareSpec(**{**base, **changes})
+
+
+def _recompute(task_name, test_file):
+    """The task's metrics from a written JSONL file, independently of compare's scoring."""
+    from ssr_jax.data import metrics  # pylint: disable=import-outside-toplevel
+    del task_name
+    rows = [json.loads(line) for line in open(test_file)]
+    prefix = "fix: "
+    sources = [r["inputs"][len(prefix):] if r["inputs"].startswith(prefix) else r["inputs"]
+               for r in rows]
+    targets = [r["targets"] for r in rows]
+    preds = [r["prediction"] for r in rows]
+    out = metrics.gleu(targets, preds, sources=sources)
+    out.update(metrics.exact_match(targets, preds))
+    out["copy"] = metrics.gleu(targets, sources, sources=sources)["gleu"]
+    return rows, out
+
+
 @pytest.mark.slow
-def test_shrunken_default_run(tmp_path, capsys):
+def test_shrunken_default_run_report_matches_its_predictions(tmp_path, capsys):
     out = tmp_path / "run"
-    assert default_run.main([f"--out_dir={out}", "--teacher_steps=4", "--student_steps=4",
-                             "--eval_batches=1"]) == 0
+    argv = [f"--out_dir={out}", "--teacher_steps=4", "--init_steps=4", "--student_steps=4",
+            "--finetune_steps=4", "--eval_batches=1",
+            "--gin=compare.fill_check_examples=16", "--gin=compare.validation_batches=1",
+            "--gin=compare.test_batches=1", "--gin=compare.decode_batch_size=16",
+            "--gin=compare.num_resamples=50", "--gin=compare.seeds=[0, 1]"]
+    assert default_run.main(argv) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
-    for name in ("teacher", "student"):
-        assert os.path.isdir(os.path.join(summary[name], "checkpoints", "4", "params"))
-        assert summary["eval"][name]["weight_sum"] > 0
-        assert str(summary[name]) in printed
-    # Training recorded each run's vocabulary next to its checkpoints.
-    import tasks
-    from ssr_jax import vocab as vocab_lib
-    for name in ("teacher", "student"):
-        record = json.loads((out / name / "checkpoints" / "vocab.json").read_text())
-        assert record == vocab_lib.vocab_record(tasks.default_vocabulary())
-        # Evaluated with eval.gin and no model gin file.
-        assert (out / name / "eval_config.gin").is_file()
-    ssr = json.loads((out / "student" / "ssr_summary.json").read_text())
-    assert ssr["ssr/steps"] >= 4 and ssr["ssr/spans"] > 0
-    hf = out / "student_hf"
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+
+    # Stages: the arms continued the init's step; fine-tuning continued the arms'.
+    init = json.loads((out / "stages" / "init.json").read_text())["result"]
+    assert init["step"] == 4
+    for arm in ("span_corruption", "ssr"):
+        rec = json.loads((out / "stages" / f"arm__{arm}.json").read_text())["result"]
+        assert rec["step"] == 8 and os.path.isdir(os.path.join(rec["dir"], "checkpoints", "8"))
+        assert results["arms"][arm]["pretrain"]["eval"]["weight_sum"] > 0
+    teacher = results["teacher"]
+    assert 0.0 <= teacher["valid non-empty fills (held-out)"] <= 1.0
+    ssr_cost = results["arms"]["ssr"]["pretrain"]
+    assert ssr_cost["teacher_flops"] > 0 and results["arms"]["span_corruption"]["pretrain"][
+        "teacher_flops"] is None
+
+    # The report's numbers are the decoded files' numbers.
+    scores = results["tasks"][GEC]["scores"]
+    files = results["finetuning"][GEC]
+    for arm, runs in files.items():
+        assert len(runs) == 2
+        for seed, run in enumerate(runs):
+            # Fine-tuning 8 -> 12, a checkpoint every 2 steps: chosen among 10 and 12.
+            assert run["best_step"] in (10, 12)
+            assert compare_stages.saved_steps(
+                os.path.dirname(os.path.dirname(run["test_file"]))) == [10, 12]
+            rows, recomputed = _recompute(GEC, run["test_file"])
+            assert len(rows) == scores["num_examples"] == 16  # one batch of 16 examples
+            for key in ("gleu", "exact_match"):
+                np.testing.assert_allclose(scores["arms"][arm][key]["seeds"][seed],
+                                           recomputed[key], atol=1e-9)
+        mean = np.mean([_recompute(GEC, r["test_file"])[1]["gleu"] for r in runs])
+        np.testing.assert_allclose(scores["arms"][arm]["gleu"]["mean"], mean, atol=1e-9)
+    np.testing.assert_allclose(scores["floors"]["gleu_copy_source"], recomputed["copy"],
+                               atol=1e-9)
+    np.testing.assert_allclose(scores["extra"]["copy_input"]["gleu"]["mean"], recomputed["copy"],
+                               atol=1e-9)
+    sentence = results["sentences"][GEC]["ssr"]
+    assert sentence in report and sentence in printed
+    assert f"{scores['arms']['ssr']['gleu']['mean']:.2f}" in sentence
+    for plot in results["plots"].values():
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The SSR student exported with the recorded vocabulary.
+    hf = out / "ssr_student_hf"
     assert (hf / "config.json").is_file() and str(hf) in printed
-    assert any(f.endswith((".safetensors", ".bin")) for f in os.listdir(hf))
-    # Exported with no --vocab: the tokenizer is the recorded vocabulary.
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(str(hf))
-    text = "Return a new sorted list."
-    assert tok(text)["input_ids"] == list(tasks.default_vocabulary().encode(text)) + [1]
     assert "default run finished" in printed
+
+    # A rerun skips every stage (nothing is trained again) and writes the same scores.
+    assert default_run.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "ssr-jax train" not in again and "step 1/" not in again
+    assert again.count("done before") >= 1 + 1 + 2 + 4
+    assert json.loads((out / "results.json").read_text())["tasks"] == results["tasks"]
+
+
+def test_a_stage_done_with_other_settings_is_refused(tmp_path):
+    spec = CompareSpec(out_dir=str(tmp_path), tasks=(GEC,),
+                       task_lengths={GEC: {"inputs": 8, "targets": 8}})
+    stages = compare_stages.Stages(spec)
+    assert stages._done("init", {"steps": 3}) is None  # pylint: disable=protected-access
+    stages._finish("init", {"steps": 3}, {"dir": "x"})  # pylint: disable=protected-access
+    assert stages._done("init", {"steps": 3}) == {"dir": "x"}  # pylint: disable=protected-access
+    with pytest.raises(UserError, match="was done with other settings"):
+        stages._done("init", {"steps": 4})  # pylint: disable=protected-access

@@ -65,6 +65,10 @@ def test_default_vocab_size_matches_the_shipped_vocabulary():
          "gin binding: Configurable 'T5Config' doesn't have a parameter named 'd_modle'"),
         ("--gin.Trainer.steps=3", "No configurable matching 'Trainer'"),
         ("--gin.MODEL_DIR=/tmp/unquoted", "string values need quotes"),
+        # A bare word inside a literal: gin's multi-line message, with no ast object repr.
+        ("--gin.TASK_FEATURE_LENGTHS={inputs: 48}",
+         "Failed to parse token 'inputs' in 'TASK_FEATURE_LENGTHS = {inputs: 48}' (string "
+         "values need quotes"),
 ])
 def test_bad_gin_bindings_are_one_line(capsys, flag, expected):
     line = _error_line(capsys, ["train", TINY, "--gin.MODEL_DIR='/tmp/m'", flag])

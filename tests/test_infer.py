@@ -144,3 +144,15 @@ def test_file_name_says_how_it_decoded():
     assert name("t", "v", "7", DecodeConfig(method="sample", temperature=0.7, top_k=40,
                                             top_p=0.9), seed=3) == \
         "t-v-7-sample-t0.7-k40-p0.9-seed3"
+
+
+def test_file_name_says_it_banned_repeated_ngrams():
+    name = infer_lib.output_name
+    assert name("t", "v", "7", DecodeConfig(method="greedy", no_repeat_ngram_size=3)) == \
+        "t-v-7-greedy-norep3"
+    assert name("t", "v", "7", DecodeConfig(method="beam", num_beams=4, brevity_alpha=0.8,
+                                            no_repeat_ngram_size=2)) == \
+        "t-v-7-beam4-alpha0.8-norep2"
+    assert name("t", "v", "7", DecodeConfig(method="sample", top_k=40,
+                                            no_repeat_ngram_size=2), seed=1) == \
+        "t-v-7-sample-k40-norep2-seed1"

@@ -124,3 +124,38 @@ def test_gleu_needs_the_source():
     assert post("she goes home ||| she went home", example=example, is_target=True) == {
         "source": "she go home", "references": ["she goes home", "she went home"]}
     assert post("she goes home", example=example, is_target=False) == "she goes home"
+
+
+def test_gleu_two_sentences_with_two_references_each_by_hand():
+    # Sentence A copies its source; reference 0 is the source, reference 1 changed its last
+    # word. Stats [C, R, num_1, den_1, ..., num_4, den_4] (as in test_gleu_by_hand):
+    #   A vs ref 0: 6, 6, 6/6, 5/5, 4/4, 3/3     A vs ref 1: 6, 6, 4/6, 3/5, 2/4, 1/3
+    # Sentence B adds a word to its source; reference 0 is the hypothesis, reference 1 ends
+    # in another word (the source has nothing reference 1 lacks, so nothing is penalised):
+    #   B vs ref 0: 6, 6, 6/6, 5/5, 4/4, 3/3     B vs ref 1: 6, 6, 5/6, 4/5, 3/4, 2/3
+    # Corpus (C = R = 12, no brevity penalty), product of the four precisions ** (1/4):
+    #   (0, 0): 1;  (1, 0): (10*8*6*4)/(12*10*8*6) = 1/3;  (0, 1): (11*9*7*5)/5760;
+    #   (1, 1): (9*7*5*3)/5760.
+    by_picks = {(0, 0): 1.0, (1, 0): (1 / 3) ** 0.25, (0, 1): (3465 / 5760) ** 0.25,
+                (1, 1): (945 / 5760) ** 0.25}
+    sources = ["a b c d e f", "p q r s t"]
+    hyps = ["a b c d e f", "p q r s t u"]
+    refs = [["a b c d e f", "a b c d e g"], ["p q r s t u", "p q r s t v"]]
+    for picks, want in by_picks.items():  # each combination alone: one reference each
+        one = [[r[k]] for r, k in zip(refs, picks)]
+        assert metrics.gleu(one, hyps, sources=sources)["gleu"] == pytest.approx(100 * want)
+    # Round j draws one reference per sentence, in order, from random.Random(101 j).
+    rounds = []
+    for j in range(500):
+        rng = random.Random(101 * j)
+        rounds.append(by_picks[tuple(rng.randint(0, 1) for _ in refs)])
+    assert len(set(rounds)) == 4  # every combination occurs
+    mean = sum(rounds) / 500
+    std = math.sqrt(sum((x - mean) ** 2 for x in rounds) / 500)
+    targets = [{"source": s, "references": r} for s, r in zip(sources, refs)]
+    got = metrics.gleu(targets, hyps)
+    assert got["gleu"] == pytest.approx(100 * mean)
+    assert got["gleu_std"] == pytest.approx(100 * std)
+    assert got["gleu_ci95_low"] == pytest.approx(100 * (mean - 1.959964 * std))
+    # Copying the sources: B's copy lacks a word: floor below the hypotheses' GLEU.
+    assert metrics.gleu_copy_source(targets, None)["gleu_copy_source"] < got["gleu"]

@@ -85,7 +85,7 @@ def test_finetune_takes_the_model_from_the_initial_checkpoint(run_dir, tmp_path)
     ft = tmp_path / "ft"
     assert cli.main(["train", "--gin_file=gin/runs/finetune.gin", f"--gin.MODEL_DIR='{ft}'",
                      f"--gin.INITIAL_CHECKPOINT_PATH='{run_dir}'", *DATA,
-                     "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=8", "--gin.EVAL_EVERY=0",
+                     "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.EVAL_EVERY=0",
                      "--gin.CheckpointConfig.save_every=1"]) == 0
     stored = checkpoints.load_model_config(run_dir)
     tuned = checkpoints.load_model_config(str(ft))

@@ -27,9 +27,10 @@ def dataset():
                          module="tasks")
 
 
-def config(k=2, curriculum=None):
+def config(k=2, curriculum=None, malformed="empty_fill"):
     return stage_lib.SsrStageConfig(examples_per_row=2, span_corruption_examples=k,
-                                    span_corruption_task=SC_TASK, curriculum=curriculum)
+                                    span_corruption_task=SC_TASK, curriculum=curriculum,
+                                    malformed=malformed)
 
 
 def read_all(output_dir):
@@ -47,8 +48,10 @@ def read_all(output_dir):
 def test_online_and_offline_give_identical_batches(tmp_path, teacher_dir):
     partitioner = Partitioner({"data": 2, "model": 4})
     teacher = tl.TeacherConfig(teacher_dir, seed=5)
-    # With a span-length curriculum on the first two steps: the same examples are chosen.
-    ssr = config(curriculum=SpanCurriculum(steps=2, start_max_mean_span=2.0))
+    # With a span-length curriculum on the first two steps (the same masks) and the paper's
+    # malformed policy (the same examples dropped, the random teacher drops most).
+    ssr = config(curriculum=SpanCurriculum(steps=2, start_mean_span=1.5),
+                 malformed="drop_example")
     stage = stage_lib.online_stage(dataset(), partitioner, 1, teacher, ssr, VOCAB)
     online_batches = [host(stage.start_next().result()) for _ in range(3)]
     stage.close()

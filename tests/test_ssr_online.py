@@ -1,6 +1,7 @@
 """The online SSR input stage: a perfect (echo) teacher restores the original text, the real
-sampler gives well-formed examples, fixed step sizes pack without leftovers, the data
-position resumes exactly, and a student trains with a teacher sharded over model=4."""
+sampler gives well-formed examples, fixed step sizes pack without leftovers, the curriculum
+and the drop-example policy keep batches full, the data position resumes exactly, and a
+student trains with a teacher sharded over model=4."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,35 +137,98 @@ class EmptyTeacher:
 
 
 def test_span_curriculum_gives_shorter_spans_first(vocabulary):
-    curriculum = SpanCurriculum(steps=2, start_max_mean_span=1.0, end_max_mean_span=1.5)
-    assert curriculum.max_mean_span(0) == 1.0 and curriculum.max_mean_span(1) == 1.5
-    assert curriculum.max_mean_span(2) is None
+    """The curriculum masks the first steps' examples again with shorter spans: every step
+    reads exactly its examples (nothing rejected), batches stay full, the teacher sees the
+    new masks, and the spans grow with the step (the task's own mask after `steps`)."""
+    from ssr_jax.ssr.curriculum import original_tokens
+    partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
+    cfg = dataset(batch_size=16)
+    config = stage_config(span_corruption_examples=0,
+                          curriculum=SpanCurriculum(steps=2, start_mean_span=1.1))
+    plan = stage_lib.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
+    refs = reference_examples(cfg, config, partitioner, 3)
+    seen = []
+
+    class Recorder(EmptyTeacher):
+        def generate(self, inputs, keys, stops, lens):
+            seen.append(np.asarray(inputs))
+            return super().generate(inputs, keys, stops, lens)
+
+    stage = teacher_stage(plan, partitioner, vocabulary, cfg, config, Recorder(16))
+    means = []
+    for step, (ref_ssr, _) in enumerate(refs):
+        segs = segments(host(stage.start_next().result()))
+        assert len(segs) == 32  # full: 2 per row
+        assert stage.get_state()["ssr"]["skip"] == 32 * (step + 1)  # read, never rejected
+        spans = masked = 0
+        for (inputs, targets), ex, tin in zip(segs, ref_ssr, seen[step]):
+            n = sum(4000 <= t < 4100 for t in targets.tolist())
+            spans, masked = spans + n, masked + len(targets) - 1 - n
+            # The same segment (a prefix of it), masked again; the teacher got that mask.
+            orig = original_tokens({"inputs": tin, "targets": targets}, 4100, 100, 1)
+            assert orig.tolist() == original_tokens(ex, 4100, 100, 1)[:len(orig)].tolist()
+            sentinel_layout_holds(inputs, targets, stage_lib.strip_pad(tin))
+        means.append(masked / spans)
+        if step == 2:  # after the curriculum: the task's own examples
+            for (_, targets), ex in zip(segs, ref_ssr):
+                np.testing.assert_array_equal(targets, ex["targets"])
+    assert means[0] < means[1] < means[2], means
+    assert len(seen) == 3 and all(x.shape == (32, 32) for x in seen)
+    stage.close()
+
+
+class PartlyMalformedTeacher(EchoTeacher):
+    """Test stub: the perfect fills, except that for every third example (by its tokens)
+    the output stops before `<x_n>`, so its last span has no well-formed fill."""
+
+    def __init__(self, examples, max_len):
+        super().__init__(examples, max_len)
+        self.cut = set()
+        for key, out in self.table.items():
+            if sum(np.frombuffer(key, np.int32).tolist()) % 3 == 0:
+                n = int(np.count_nonzero(out))
+                out[n - 1] = 0  # drop the closing <x_n>
+                self.cut.add(key)
+
+
+def test_drop_example_policy_keeps_batches_full(vocabulary):
+    """malformed='drop_example': an example with a malformed fill is packed as the
+    span-corruption example of its segment (same slot), every other one as SSR; batches
+    stay full and the dropped examples are counted."""
+    from ssr_jax.data.ssr_preprocessors import span_corruption_target
     partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
     cfg = dataset()
-    config = stage_config(span_corruption_examples=0, curriculum=curriculum)
+    config = stage_config(span_corruption_examples=0, malformed="drop_example")
+    refs = reference_examples(cfg, config, partitioner, 3)
     plan = stage_lib.plan_slots(LENGTHS, cfg.batch_size, config, partitioner)
-    stage = teacher_stage(plan, partitioner, vocabulary, cfg, config, EmptyTeacher(16))
-
-    def mean_spans(batch):
-        out = []
-        for _, target in segments(host(batch)):
-            n = sum(4000 <= t < 4100 for t in target.tolist())
-            out.append((len(target) - 1 - n) / n)
-        return out
-
-    limits = [1.0, 1.5, None]
-    longest = []
-    for step, limit in enumerate(limits):
-        spans = mean_spans(stage.start_next().result())
-        assert len(spans) == 8
-        if limit is not None:
-            assert max(spans) <= limit
-        longest.append(max(spans))
-        if step == 0:
-            assert stage.get_state()["ssr"]["skip"] > 8  # rejected examples were read
-    assert longest[2] > 1.5
-    assert stage.get_state()["step"] == 3
+    teacher = PartlyMalformedTeacher([ex for r, _ in refs for ex in r], 16)
+    pipes = stage_lib.make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
+    source = stage_lib.TeacherRewrite(teacher, partitioner, plan.slot_lengths, vocabulary,
+                                      seed=0, fill_ratio=2.0, malformed="drop_example")
+    stage = stage_lib.SSRStage(plan, partitioner, pipes, source, config)
+    dropped = 0
+    for ref_ssr, _ in refs:
+        segs = segments(host(stage.start_next().result()))
+        assert len(segs) == len(ref_ssr) == 8
+        for (inputs, targets), ex in zip(segs, ref_ssr):
+            if ex["inputs"].tobytes() in teacher.cut:
+                dropped += 1
+                np.testing.assert_array_equal(inputs, ex["inputs"])
+                np.testing.assert_array_equal(targets, span_corruption_target(
+                        ex["targets"], 4100))
+                assert targets[0] == 4099 and len(targets) == len(ex["targets"])
+            else:
+                np.testing.assert_array_equal(targets, ex["targets"])
+                assert restore(ex["inputs"], ex["targets"]) == [
+                        t for t in inputs.tolist() if not 4000 <= t < 4100 and t != 1]
+    assert 0 < dropped < 24
+    metrics = stage.pop_metrics()
+    assert metrics["ssr/dropped_examples"] == dropped and metrics["ssr/examples"] == 24
+    assert metrics["ssr/complete_example_rate"] == (24 - dropped) / 24
+    assert metrics["ssr/fallback_rate"] * metrics["ssr/spans"] == pytest.approx(dropped)
     stage.close()
+    with pytest.raises(UserError, match="malformed"):
+        stage_lib.SsrStageConfig(malformed="drop")
 
 
 def sentinel_layout_holds(inputs, targets, teacher_input):

@@ -1,4 +1,6 @@
-"""SSR mask (statistics, layout), rewrite (layout, fallbacks, losslessness), lengths."""
+"""SSR mask (statistics, the paper's retries, layout), rewrite (layout, fallbacks, the malformed
+policies, losslessness), lengths, and the span-length curriculum's mask."""
+import dataclasses
 import math
 import re
 
@@ -114,6 +116,79 @@ def test_mask_layout(masked_batch):
         expected_teacher += tokens[prev:].tolist()
         assert teacher == expected_teacher
         assert target == expected_target
+
+
+def paper_data_gen_mask(n, rate, mean, tries, rng, keep_length=True):
+    """The paper's data_gen.py mask, transcribed (python sets, its verify and its loop);
+    keep_length=False redraws the length with every start (this repository's old mask).
+    Returns the span lengths, or None if a span touched, overlapped or took the last token."""
+    def verify(start, length, masked):
+        if start - 1 in masked:
+            return False
+        return all(start + i not in masked and start + i < n for i in range(length + 1))
+
+    masked, spans = set(), []
+    for _ in range(max(1, rng.randint(round(n * rate) - 1, round(n * rate) + 1))):
+        length = max(1, rng_poisson(rng, mean))
+        for trial in range(tries):
+            if trial and not keep_length:
+                length = max(1, rng_poisson(rng, mean))
+            start = rng.randrange(n)
+            if verify(start, length, masked):
+                break
+        else:
+            break
+        masked.update(range(start, start + length))
+        spans.append(length)
+    return spans
+
+
+def rng_poisson(rng, mean):
+    """Knuth's Poisson draw from a random.Random (so the simulation needs no numpy seed)."""
+    limit, k, p = math.exp(-mean), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def test_mask_retries_follow_the_paper():
+    """On a crowded segment (40 tokens, 20% span rate) where retries matter, the mask's span
+    count, masked count and span length agree with the paper's procedure (length kept over
+    10 starts), and not with redrawing the length at every try."""
+    import random
+    n, config = 40, sp.SsrMaskConfig(span_rate=0.2)
+    assert config.max_tries == 10
+    lengths = sp.SsrLengths(n, 1000, 1000, 99)  # budgets that never bind here
+
+    def one(i):
+        return sp.paper_span_ids(n, tf.stack([tf.cast(i, tf.int32), 5]), config, lengths)
+
+    ids = list(tf.data.Dataset.range(3000).map(one, num_parallel_calls=2).as_numpy_iterator())
+    ours = []
+    for row in ids:
+        spans = runs(row)
+        for a, b in zip(spans, spans[1:]):
+            assert a[1] + a[2] < b[1], "spans touch or overlap"
+        assert row[-1] == 0  # the last token is never masked
+        ours.append([s[2] for s in spans])
+    rng = random.Random(0)
+    kept = [paper_data_gen_mask(n, 0.2, 3.0, 10, rng) for _ in range(3000)]
+    redrawn = [paper_data_gen_mask(n, 0.2, 3.0, 10, rng, keep_length=False)
+               for _ in range(3000)]
+
+    def stats(masks):
+        return (np.mean([len(m) for m in masks]), np.mean([sum(m) for m in masks]),
+                np.mean([x for m in masks for x in m]))
+
+    got, want, other = stats(ours), stats(kept), stats(redrawn)
+    tolerance = (0.14, 0.6, 0.08)  # ~4 standard errors of 3000 masks
+    assert all(abs(g - w) < t for g, w, t in zip(got, want, tolerance)), (got, want)
+    assert abs(got[0] - other[0]) > 3 * tolerance[0], (got, other)  # the test can tell
+    assert abs(got[2] - other[2]) > 3 * tolerance[2], (got, other)
+    # The distribution of the span count, too (total variation).
+    hist = lambda masks: np.bincount([len(m) for m in masks], minlength=12)[:12] / 3000  # noqa
+    assert 0.5 * np.abs(hist(ours) - hist(kept)).sum() < 0.05
 
 
 def test_mask_is_seeded():
@@ -355,3 +430,133 @@ def test_rewrite_preprocessor_in_tf(vocab):
         "targets": tf.constant([7, x(1), EOS])})
     ex = next(iter(sp.rewrite_preprocessor(ds, feats, {"inputs": 16, "targets": 8})))
     assert ex["inputs"].numpy().tolist() == [5, x(0), 9, x(1), 6, EOS]
+
+
+# --- malformed teacher outputs: the two policies -----------------------------------------------
+def test_rewrite_examples_policies():
+    """Complete rows are rewritten under both policies; a row with an empty fill or a
+    fallback keeps its empty fills ('empty_fill') or becomes the span-corruption example of
+    its segment ('drop_example'), of the same length; padding rows count nowhere."""
+    from ssr_jax.ssr import stats as stats_lib
+    target = [30, X(1), 31, X(2), 33, X(3), EOS]
+    outs = [[X(0), 30, X(1), 31, X(2), 33, X(3)],  # complete
+            [X(0), 30, X(1), X(2), 33, X(3)],  # span 1 empty
+            [X(0), 30, X(1), 31, X(2), 33],  # cut before <x3>: span 2 is a fallback
+            []]  # a padding row (no teacher input)
+    tin = np.array([TIN, TIN, TIN, [0] * len(TIN)])
+    tout = np.array([o + [0] * (8 - len(o)) for o in outs])
+    tgt = np.array([target] * 3 + [[0] * len(target)])
+    rows, _ = sp.rewrite_batch(tin, tout, VS, targets=tgt)
+    kept, stats = sp.rewrite_examples(tin, tout, tgt, VS)
+    assert [e["inputs"].tolist() for e in kept] == [r.tolist() for r in rows]
+    assert [e["targets"].tolist() for e in kept] == [target] * 3 + [[]]
+    assert (stats.examples, stats.incomplete_examples, stats.dropped_examples) == (3, 2, 0)
+    dropped, dstats = sp.rewrite_examples(tin, tout, tgt, VS, malformed="drop_example")
+    assert dropped[0]["inputs"].tolist() == student([30], [31], [33])
+    sc_target = [X(0), 30, X(1), 31, X(2), 33, EOS]  # T5's layout: <x_k> before span k
+    for e in dropped[1:3]:
+        assert e["inputs"].tolist() == TIN and e["targets"].tolist() == sc_target
+        assert len(e["targets"]) == len(target)
+    assert dropped[3]["targets"].size == 0
+    assert (dstats.examples, dstats.incomplete_examples, dstats.dropped_examples) == (3, 2, 2)
+    # The span counts describe the teacher's outputs, whatever the policy.
+    assert dataclasses.replace(dstats, dropped_examples=0) == stats
+    assert (stats.spans, stats.nonempty_fills, stats.empty_fills, stats.fallbacks) == (9, 7, 1, 1)
+    s = dstats.summary()
+    assert s["ssr/complete_example_rate"] == 1 / 3 and s["ssr/dropped_example_rate"] == 2 / 3
+    line = stats_lib.describe(s)
+    assert "3 examples, 33.3% with every span filled, 2 dropped" in line, line
+    assert "dropped (malformed" not in stats_lib.describe(stats.summary())
+    with pytest.raises(sp.UserError, match="malformed='skip'"):
+        sp.rewrite_examples(tin, tout, tgt, VS, malformed="skip")
+    # Progress files written before examples were counted still load.
+    old = {k: v for k, v in stats.to_json().items() if "examples" not in k}
+    assert sp.RewriteStats.from_json(old).examples == 0
+
+
+# --- the span-length curriculum (ssr_jax/ssr/curriculum.py) ------------------------------------
+def task_masks(slot, count=300):
+    """The task's own mask (TF) of `count` random segments of the slot's raw length."""
+    config = sp.SsrMaskConfig()
+    lengths = sp.ssr_lengths(*slot, config)
+
+    def one(i):
+        seeds = [tf.stack([tf.cast(i, tf.int32), 1]), tf.stack([tf.cast(i, tf.int32), 2])]
+        tokens = tf.random.stateless_uniform([lengths.raw_length], seeds[1], 3, 4000, tf.int32)
+        out = sp.mask_segment(tokens, seeds, VS, config, lengths)
+        return dict(out, inputs=tf.concat([out["inputs"], [EOS]], 0),
+                    targets=tf.concat([out["targets"], [EOS]], 0), tokens=tokens)
+
+    ds = tf.data.Dataset.range(count).map(one, num_parallel_calls=2)
+    return config, lengths, list(ds.as_numpy_iterator())
+
+
+@pytest.mark.parametrize("slot", [(128, 32), (256, 57), (512, 114)])
+def test_curriculum_keeps_the_masked_fraction_and_lengthens_spans(slot):
+    from ssr_jax.ssr.curriculum import CurriculumMask, SpanCurriculum, original_tokens
+    config, lengths, examples = task_masks(slot)
+    density = lambda exs: np.mean([int(e["masked_length"]) / len(  # noqa: E731
+            original_tokens(e, VS, 100, EOS)) for e in exs])
+    mean_span = lambda exs: np.mean([int(e["masked_length"]) / int(e["num_spans"])  # noqa
+                                     for e in exs])
+    # Why selecting examples stalled: the task's examples almost never average <= 1.5.
+    if slot != (128, 32):
+        assert np.mean([int(e["masked_length"]) <= 1.5 * int(e["num_spans"])
+                        for e in examples]) < 0.01
+    base = density(examples)
+    curriculum = CurriculumMask(SpanCurriculum(steps=4, start_mean_span=1.5), config, slot,
+                                VS, 100, EOS, seed=7)
+    spans = []
+    for step in range(5):
+        got = curriculum.apply(examples, step)
+        assert len(got) == len(examples)
+        assert abs(density(got) - base) < 0.08 * base, (step, density(got), base)
+        spans.append(mean_span(got))
+        for ex, old in zip(got[:100], examples):
+            n, m = int(ex["num_spans"]), int(ex["masked_length"])
+            orig = original_tokens(ex, VS, 100, EOS)
+            # A prefix of the segment, masked in the task's layout, within the slot.
+            assert orig.tolist() == old["tokens"][:len(orig)].tolist()
+            assert len(ex["targets"]) == m + n + 1 <= slot[1]
+            assert len(ex["inputs"]) - 1 + n + 1 <= slot[0]  # the empty-fill student input
+            assert ex["inputs"][-1] == EOS and ex["targets"][-1] == EOS
+    assert abs(spans[0] - 1.5) < 0.1 and abs(spans[4] - mean_span(examples)) < 1e-9
+    assert spans == sorted(spans), spans  # the spans grow with the step
+    # The mask depends only on the step, the tokens and the seed (online == offline).
+    again = CurriculumMask(SpanCurriculum(steps=4, start_mean_span=1.5), config, slot, VS,
+                           100, EOS, seed=7).apply(examples[::-1], 1)[::-1]
+    first = curriculum.apply(examples, 1)
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(again, first))
+    other = CurriculumMask(SpanCurriculum(steps=4, start_mean_span=1.5), config, slot, VS,
+                           100, EOS, seed=8).apply(examples, 1)
+    assert any(not np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(other, first))
+
+
+def test_curriculum_mask_follows_the_paper_procedure():
+    """The curriculum's numpy mask at the task's own settings has the TF mask's statistics
+    (span count, masked count, span length; 2000 masks of the crowded 40-token segment)."""
+    import random
+    from ssr_jax.ssr.curriculum import paper_spans, poisson_mean_for, expected_span_length
+    assert abs(expected_span_length(poisson_mean_for(1.7)) - 1.7) < 1e-9
+    config = sp.SsrMaskConfig(span_rate=0.2)
+    lengths = sp.SsrLengths(40, 1000, 1000, 99)
+    rng = np.random.default_rng(0)
+    ours = []
+    for _ in range(3000):
+        spans = paper_spans(40, rng, config, lengths)
+        for (_, e), (s, _) in zip(spans, spans[1:]):
+            assert e < s, spans  # neither overlap nor touch
+        assert not spans or spans[-1][1] <= 39  # the last token is never masked
+        ours.append([e - s for s, e in spans])
+    kept = [paper_data_gen_mask(40, 0.2, 3.0, 10, random.Random(i)) for i in range(3000)]
+    for got, want, tol in zip(
+            (np.mean([len(m) for m in ours]), np.mean([sum(m) for m in ours]),
+             np.mean([x for m in ours for x in m])),
+            (np.mean([len(m) for m in kept]), np.mean([sum(m) for m in kept]),
+             np.mean([x for m in kept for x in m])), (0.14, 0.6, 0.08)):
+        assert abs(got - want) < tol, (got, want)
+    # Budgets end the mask: a 12-token target budget fits at most M + n + 1 <= 12.
+    tight = sp.SsrLengths(40, 1000, 12, 99)
+    for _ in range(200):
+        spans = paper_spans(40, rng, config, tight)
+        assert sum(e - s for s, e in spans) + len(spans) + 1 <= 12

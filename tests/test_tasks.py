@@ -48,7 +48,7 @@ def test_registered_names_and_vocabulary(tasks_module):
     names = set(seqio.TaskRegistry.names())
     for name in ("ssr_default_span_corruption", "ssr_default_ssr_masked", "c4_span_corruption",
                  "c4_ssr_masked", "cnn_dailymail_v3", "xsum", "squad_question_generation",
-                 "ssr_default_docstring_summary"):
+                 "ssr_default_docstring_summary", "ssr_default_gec"):
         assert name in names
     vocab = tasks_module.default_vocabulary()
     assert vocab.vocab_size == 4100 and vocab.extra_ids == 100
@@ -62,11 +62,13 @@ def test_registered_names_and_vocabulary(tasks_module):
 def test_corpus_is_deterministic_and_split_by_hash(tasks_module):
     from ssr_jax.data import corpus
     docs = corpus.corpus_documents()
-    assert len(docs["train"]) > 5000 and len(docs["validation"]) > 150
+    assert set(docs) == {"train", "validation", "downstream"}
+    assert len(docs["train"]) > 4000 and len(docs["validation"]) > 150
+    assert len(docs["downstream"]) > 1200  # held out of pre-training for downstream tasks
     assert sum(len(d["text"]) for d in docs["train"]) > 1_000_000
     for split, items in docs.items():
         assert all(corpus.split_of(d["text"]) == split for d in items[:500])
-    texts = [d["text"] for d in docs["train"] + docs["validation"]]
+    texts = [d["text"] for items in docs.values() for d in items]
     assert len(set(texts)) == len(texts)
     # The TFDS build holds exactly these documents.
     built = [ex["text"].decode() for ex in
@@ -78,6 +80,8 @@ def test_corpus_is_deterministic_and_split_by_hash(tasks_module):
 def test_docstring_summary_task(tasks_module):
     examples = all_examples("ssr_default_docstring_summary", "validation")
     assert len(examples) > 20
+    assert set(seqio.get_mixture_or_task("ssr_default_docstring_summary").splits) == {
+        "train", "validation", "test"}
     vocab = tasks_module.default_vocabulary()
     for ex in examples[:10]:
         assert vocab.decode(ex["inputs"].tolist()).startswith("summarize: ")

@@ -1,5 +1,6 @@
 """The SSR teacher: checkpoint + vocabulary checks before any compute, sharding on the student's
-mesh, the sampler (top-p -> greedy, top-k support, per-example keys, mesh independence)."""
+mesh, the sampler (the paper's top-p 0.9 + top-k 50 default, top-p -> greedy, top-k support,
+per-example keys, mesh independence)."""
 import dataclasses
 import os
 
@@ -150,6 +151,22 @@ def test_top_k_restricts_to_k_tokens(teacher_dir, vocabulary):
     first = set(out[:, 0].tolist())
     assert first <= top3
     assert len(first) >= 2  # it does sample
+
+
+def test_default_sampler_is_the_papers(teacher_dir, vocabulary):
+    """HF generate(do_sample=True, top_p=0.9) with its implicit top_k=50 and temperature 1:
+    the dataclass default, the gin objective's binding and the loaded teacher's decoding."""
+    import re
+    cfg = tl.TeacherConfig(teacher_dir)
+    assert (cfg.top_p, cfg.top_k, cfg.temperature) == (0.9, 50, 1.0)
+    gin_text = open(os.path.join(os.path.dirname(__file__), "..", "gin", "objectives",
+                                 "ssr_online.gin")).read()
+    bound = dict(re.findall(r"^TeacherConfig\.(top_p|top_k|temperature) = (\S+)", gin_text,
+                            re.M))
+    assert bound == {"top_p": "0.9", "top_k": "50", "temperature": "1.0"}
+    teacher = tl.Teacher.load(cfg, Partitioner({"data": -1}), vocabulary, max_decode_length=4)
+    assert (teacher.decode.method, teacher.decode.top_p, teacher.decode.top_k,
+            teacher.decode.temperature) == ("sample", 0.9, 50, 1.0)
 
 
 def test_bfloat16_teacher(teacher_dir, vocabulary):

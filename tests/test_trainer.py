@@ -335,21 +335,22 @@ def test_ssr_jax_train_exits_75_on_sigterm_and_a_rerun_resumes(tmp_path):
     assert f"step {saved + 2}/{saved + 2}" in rerun.stdout
 
 
-def test_initial_checkpoint_gives_params_only_and_own_checkpoints_win(tmp_path, capsys):
+def test_initial_checkpoint_gives_its_step_and_own_checkpoints_win(tmp_path, capsys):
     pretrained = run_train(tmp_path / "pre", 3, checkpoint=_ckpt(0))
-    fine = run_train(tmp_path / "fine", 2, initial_checkpoint_path=str(tmp_path / "pre"),
+    fine = run_train(tmp_path / "fine", 5, initial_checkpoint_path=str(tmp_path / "pre"),
                      checkpoint=_ckpt(1))
-    assert "initialised params from" in capsys.readouterr().out
-    # Starts at step 0 from the pretrained params (fresh optimizer state and step count).
-    assert int(fine.state.step) == 2 and fine.train_metrics[0]["step"] == 1
+    assert "initialised params and optimizer state from" in capsys.readouterr().out
+    # Continues at the initial checkpoint's step 3 (TRAIN_STEPS counts the total);
+    # test_continued_training.py checks the schedule, optimizer state and data order.
+    assert int(fine.state.step) == 5 and [m["step"] for m in fine.train_metrics] == [4, 5]
     scratch = run_train(tmp_path / "scratch", 1, checkpoint=_ckpt(0))
     assert fine.train_metrics[0]["loss"] < scratch.train_metrics[0]["loss"] - 0.5
     del pretrained
-    # Rerun in the same MODEL_DIR: its own checkpoint (step 2) wins over the initial one.
-    again = run_train(tmp_path / "fine", 3, initial_checkpoint_path=str(tmp_path / "pre"),
+    # Rerun in the same MODEL_DIR: its own checkpoint (step 5) wins over the initial one.
+    again = run_train(tmp_path / "fine", 6, initial_checkpoint_path=str(tmp_path / "pre"),
                       checkpoint=_ckpt(1))
-    assert "resumed from step 2" in capsys.readouterr().out
-    assert [m["step"] for m in again.train_metrics] == [3]
+    assert "resumed from step 5" in capsys.readouterr().out
+    assert [m["step"] for m in again.train_metrics] == [6]
 
 
 EVAL_CFG = DatasetConfig("arrays", {"inputs": 8, "targets": 8}, split="validation",

@@ -20,6 +20,8 @@ COMMANDS = {
     "export-hf": ("ssr_jax.cli.hf", "export_main", "write a checkpoint as a Hugging Face T5"),
     "import-hf": ("ssr_jax.cli.hf", "import_main", "read a Hugging Face T5 into our params"),
     "default-run": ("ssr_jax.cli.default_run", "main", "the embedded end-to-end default run"),
+    "compare": ("ssr_jax.cli.compare", "main",
+                "does SSR help? teacher, shared init, arms, fine-tuning, report"),
     "build-vocab": ("ssr_jax.cli.vocab", "main",
                     "train a SentencePiece vocabulary (T5 settings)"),
     "corpus": ("ssr_jax.cli.corpus", "main", "build or dump the embedded default corpus"),

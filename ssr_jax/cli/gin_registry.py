@@ -7,7 +7,8 @@ EncoderDecoderModel, Partitioner, DatasetConfig, CheckpointConfig, adafactor, ad
 rsqrt_schedule, constant_schedule, linear_schedule, cosine_schedule, TeacherConfig,
 SsrStageConfig, SpanCurriculum, train (the run spec: ssr_jax/cli/spec.py), ssr_online,
 ssr_offline (its `ssr`), evaluate, infer, model_from_checkpoint (the model a checkpoint's
-model_config.json describes, checked against a bound MODEL).
+model_config.json describes, checked against a bound MODEL), compare (`ssr-jax compare`'s
+spec: ssr_jax/cli/compare_spec.py).
 """
 import contextlib
 import difflib
@@ -32,6 +33,7 @@ _SEARCH_PATHS_ADDED: set = set()
 
 def _registrations() -> Dict[str, Callable]:
     # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli.compare_spec import CompareSpec
     from ssr_jax.cli.spec import RunSpec
     from ssr_jax.data.dataset import DatasetConfig
     from ssr_jax.models.base import DecodeConfig, LossConfig
@@ -59,7 +61,7 @@ def _registrations() -> Dict[str, Callable]:
             "SpanCurriculum": SpanCurriculum,
             "train": RunSpec, "ssr_online": ssr_spec.online, "ssr_offline": ssr_spec.offline,
             "evaluate": evaluate, "infer": infer,
-            "model_from_checkpoint": model_from_checkpoint,
+            "model_from_checkpoint": model_from_checkpoint, "compare": CompareSpec,
     }
 
 
@@ -169,7 +171,9 @@ def _token_error_in(path: str, search: Sequence[str], seen: Set[str]) -> str:
 def _syntax_error_line(e: SyntaxError) -> str:
     where = f"{e.filename}:{e.lineno}: " if e.filename else ""
     text = f" in {e.text.strip()!r}" if e.text and e.text.strip() else ""
-    return f"{where}{e.msg}{text}"
+    # gin's message may span lines and quote Python's ast objects: keep its words.
+    msg = re.sub(r"\s*<ast\.\w+ object at 0x[0-9a-f]+>", "", " ".join(str(e.msg).split()))
+    return f"{where}{msg}{text}"
 
 
 def _parse_files(files: Sequence[str], search: Sequence[str]) -> None:

@@ -1,5 +1,5 @@
 """`ssr-jax COMMAND --help` for the gin-configured commands (train, eval, infer, plan,
-generate-spans): their flags, the gin search path, the main macros with the defaults their
+generate-spans, compare): their flags, the gin search path, the main macros with the defaults their
 run-mode gin files set, and an example. It reads the gin files as text, so help needs no
 jax, TensorFlow or registered configurables."""
 import io
@@ -87,6 +87,15 @@ COMMANDS: Dict[str, CommandHelp] = {
                 "--gin_file=gin/objectives/ssr_offline.gin "
                 "--gin.TEACHER_CHECKPOINT=\"'/ckpt/teacher'\" "
                 "--gin.OUTPUT_DIR=\"'/data/ssr_spans'\"", dict(generate_spans_cli.DEFAULT_MACROS)),
+        "compare": CommandHelp(
+                "Does SSR help? Trains or checks the teacher, a shared student init, the "
+                "continued pre-training arms, fine-tunes each arm on each task with several "
+                "seeds and writes MODEL_DIR/report.md, results.json and plots. Every field is "
+                "a compare.X binding (ssr_jax/cli/compare_spec.py). Rerun the same command to "
+                "resume: finished stages are skipped.",
+                ("compare/default.gin",), {}, False,
+                "ssr-jax compare --gin_file=gin/compare/default.gin "
+                "--gin.MODEL_DIR=\"'runs/compare'\" --gin.compare.seeds=[0]"),
 }
 
 

@@ -19,6 +19,7 @@ from ssr_jax.train.optimizers import Optimizer
 
 _INT_FIELDS = ("train_steps", "eval_every", "eval_steps", "log_every", "num_microbatches",
                "seed", "max_consecutive_nonfinite")
+_BOOL_FIELDS = ("initial_checkpoint_params_only", "replay_initial_data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RunSpec:
     num_microbatches: int = 1
     seed: int = 0
     initial_checkpoint_path: Optional[str] = None
+    initial_checkpoint_params_only: bool = False  # True: step 0, fresh optimizer state
+    replay_initial_data: bool = False  # True: the initial checkpoint's run's data order
     max_consecutive_nonfinite: int = 20
     peak_flops_per_device: Optional[float] = None
     ssr: Optional[SsrSpec] = None  # train.ssr = @ssr_online() / @ssr_offline()
@@ -52,6 +55,10 @@ class RunSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"train.{name}={value!r} must be an integer.")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise UserError(f"train.{name}={value!r} must be True or False.")
         value = self.peak_flops_per_device
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"train.peak_flops_per_device={value!r} must be a "

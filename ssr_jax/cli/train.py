@@ -60,8 +60,14 @@ def train(spec: RunSpec):
     """Trains a run spec: its SSR (if any) is checked before anything is built."""
     from ssr_jax.ssr import spec as ssr_spec  # pylint: disable=import-outside-toplevel
     from ssr_jax.train import trainer  # pylint: disable=import-outside-toplevel
-    factory = (ssr_spec.input_stage_factory(spec.ssr, spec.train_dataset, spec.train_steps)
-               if spec.ssr is not None else None)
+    factory = None
+    if spec.ssr is not None:
+        # The stage's data starts where the run started (an initial checkpoint's step S):
+        # offline data must hold TRAIN_STEPS - S steps.
+        start = trainer.run_start_step(spec.model_dir, spec.initial_checkpoint_path,
+                                       spec.initial_checkpoint_params_only)
+        factory = ssr_spec.input_stage_factory(spec.ssr, spec.train_dataset,
+                                               spec.train_steps - start)
     record_vocabulary(spec)
     return trainer.train(**spec.train_kwargs(), input_stage_factory=factory)
 

@@ -6,9 +6,13 @@
   ssr_preprocessors  SSR mask (SeqIO preprocessor) and rewrite (numpy, online + offline)
   packing            the one packer: examples -> the trainer's encoder-decoder batch
   pipeline           InputPipeline: a SeqIO task/mixture -> per-host packed numpy batches
-  corpus             the embedded default corpus (TFDS builder over Python's own docs)
+  corpus             the embedded default corpus (TFDS builder over Python's own docs) and
+                     its held-out downstream pool (docstring summary, synthetic GEC)
+  sentences          sentence splitting, the prose filter, trivial downstream baselines
+  synthetic_errors   seeded synthetic grammatical errors (the GEC task's inputs)
   user_files         validated sources over the user's text / JSONL / TFRecord files
   factories          register SeqIO tasks for an objective (explicit vocabulary)
-  metrics            ROUGE / BLEU / exact match as seqio metric functions
+  metrics            ROUGE / BLEU / exact match / GLEU as seqio metric functions
+  gleu               GLEU (JFLEG's GEC metric), corpus level, several references
 Import submodules directly; this package imports nothing heavy.
 """

@@ -9,8 +9,9 @@ SSR has two steps around a teacher (a pretrained T5):
      'num_spans' (n, so the teacher can stop after `<extra_id_n>`) and 'masked_length' (M).
    Spans follow the paper by default: about `span_rate` = 7.5% of the tokens start a span
    (round(rate * N) + {-1, 0, +1}, at least 1), lengths max(1, Poisson(3)), starts uniform,
-   spans never overlap nor touch; a rejected span is resampled up to `max_tries` times, after
-   which no more spans are added. `scheme='t5'` uses T5's noise mask (15%, mean span 3).
+   spans never overlap nor touch and the last token is never masked; a span keeps its length
+   while its start is redrawn, up to `max_tries` = 10 starts, after which no more spans are
+   added (`paper_span_ids`). `scheme='t5'` uses T5's noise mask (15%, mean span 3).
 
 2. rewrite (`rewrite_batch`, pure numpy, shared by the online and offline paths): given the
    teacher's output `<extra_id_0> fill_0 <extra_id_1> fill_1 ... <extra_id_n>`, the student's
@@ -20,6 +21,8 @@ SSR has two steps around a teacher (a pretrained T5):
    (skipped or out-of-order sentinel, output cut by the length limit) falls back to the
    empty fill `<extra_id_k> <extra_id_k+1>` for that span only, and is counted; so are
    well-formed empty fills and fills dropped for the student's input length (RewriteStats).
+   `rewrite_examples` also offers the paper's policy (malformed='drop_example'): an example
+   with any such span is replaced by its span-corruption example.
 
 Lengths. With a teacher input of length I (with EOS) and a well-formed teacher output of
 length T, the student input has length I + T - 1. So the student input fits an inputs length
@@ -53,7 +56,7 @@ class SsrMaskConfig:
     scheme: str = "paper"
     span_rate: float = 0.075  # paper: spans per token
     mean_span_length: float = 3.0  # paper: Poisson mean; t5: mean noise span length
-    max_tries: int = 5  # paper: resampling tries for one span before stopping
+    max_tries: int = 10  # paper: starts drawn for one span (its length kept) before stopping
     noise_density: float = 0.15  # t5 scheme only
     fill_ratio: float = 2.0  # teacher budget: fill tokens per masked token
 
@@ -122,37 +125,48 @@ def teacher_decode_lengths(teacher_input_lengths, num_spans, masked_lengths,
 
 def paper_span_ids(length: tf.Tensor, seed: tf.Tensor, config: SsrMaskConfig,
                    lengths: SsrLengths) -> tf.Tensor:
-    """int32 [length]: 0 on context, k + 1 on span k (spans numbered left to right)."""
+    """int32 [length]: 0 on context, k + 1 on span k (spans numbered left to right).
+
+    The paper's procedure (its data_gen.py, docs/FACTS.md): n_want = max(1, round(rate N) +
+    {-1, 0, +1}) spans, one after the other; each span's length max(1, Poisson(mean)) is
+    drawn once and kept while its start is drawn uniformly from [0, N) up to max_tries
+    times; a start is accepted when the span and the token after it lie inside the segment
+    (so the last token is never masked) and it neither overlaps nor touches an accepted
+    span. When every try fails, no more spans are added (the paper's `break`). A span that
+    would overflow the student target or the empty-fill student input also ends the mask:
+    those budgets do not depend on the start, so redrawing it could never help.
+    """
     n_tok = tf.convert_to_tensor(length, tf.int32)
     s_count, s_len, s_start = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     base = tf.cast(tf.round(config.span_rate * tf.cast(n_tok, tf.float32)), tf.int32)
     jitter = tf.random.stateless_uniform([], s_count, -1, 2, tf.int32)
     n_want = tf.clip_by_value(base + jitter, 1, lengths.max_spans)
-    attempts = n_want * config.max_tries
-    span_len = tf.maximum(1, tf.random.stateless_poisson([attempts], s_len,
+    span_len = tf.maximum(1, tf.random.stateless_poisson([lengths.max_spans], s_len,
                                                          config.mean_span_length, tf.int32))
-    span_len = tf.minimum(span_len, tf.maximum(n_tok - 1, 1))
-    u = tf.random.stateless_uniform([attempts], s_start)
-    starts_all = tf.cast(tf.floor(u * tf.cast(n_tok - span_len + 1, tf.float32)), tf.int32)
-    starts_all = tf.minimum(starts_all, n_tok - span_len)
+    attempts = n_want * config.max_tries
+    u = tf.random.stateless_uniform([lengths.max_spans * config.max_tries], s_start)
+    starts_all = tf.minimum(tf.cast(tf.floor(u * tf.cast(n_tok, tf.float32)), tf.int32),
+                            n_tok - 1)
     max_spans = lengths.max_spans
     empty = tf.fill([max_spans], -10)
 
-    def cond(t, n, tries, masked, starts, ends):
-        return tf.logical_and(tf.logical_and(t < attempts, n < n_want),
-                              tries < config.max_tries)
-
-    def body(t, n, tries, masked, starts, ends):
-        s, ln = starts_all[t], span_len[t]
-        e = s + ln  # exclusive; touching means s == ends[j] or e == starts[j]
-        clash = tf.reduce_any(tf.logical_and(s <= ends, starts <= e))
-        new_masked = masked + ln
+    def fits(n, masked):  # the budgets for span n (0-based) of its kept length
+        new_masked = masked + span_len[tf.minimum(n, max_spans - 1)]
         target_len = new_masked + (n + 1) + 1
         student_empty = (n_tok - new_masked) + 2 * (n + 1) + 1
-        ok = tf.logical_and(tf.logical_and(tf.logical_not(clash), n_tok >= 2),
-                            tf.logical_and(target_len <= lengths.targets_length,
-                                           student_empty <= lengths.inputs_length))
-        idx = tf.reshape(tf.minimum(n, max_spans - 1), [1, 1])
+        return tf.logical_and(target_len <= lengths.targets_length,
+                              student_empty <= lengths.inputs_length)
+
+    def cond(t, n, tries, masked, starts, ends):
+        return tf.reduce_all(tf.stack([t < attempts, n < n_want, tries < config.max_tries,
+                                       fits(n, masked)]))
+
+    def body(t, n, tries, masked, starts, ends):
+        s, ln = starts_all[t], span_len[n]
+        e = s + ln  # exclusive; touching means s == ends[j] or e == starts[j]
+        clash = tf.reduce_any(tf.logical_and(s <= ends, starts <= e))
+        ok = tf.logical_and(tf.logical_not(clash), e <= n_tok - 1)
+        idx = tf.reshape(n, [1, 1])
         starts = tf.where(ok, tf.tensor_scatter_nd_update(starts, idx, [s]), starts)
         ends = tf.where(ok, tf.tensor_scatter_nd_update(ends, idx, [e]), ends)
         ok_i = tf.cast(ok, tf.int32)
@@ -267,6 +281,11 @@ def scalar_feature() -> seqio.Feature:
 
 # ---- rewrite (numpy) -----------------------------------------------------------------
 
+# What to do with an example whose teacher output lacks a well-formed non-empty fill for some
+# span (see `rewrite_examples`).
+MALFORMED_POLICIES = ("empty_fill", "drop_example")
+
+
 @dataclasses.dataclass
 class RewriteStats:
     """Counts (and token totals) of rewritten spans; `merge` adds two, so the same type
@@ -275,7 +294,9 @@ class RewriteStats:
     Every span is exactly one of: a non-empty fill, an empty fill (the teacher wrote
     `<x_k> <x_k+1>`), a fallback (no well-formed fill: rewritten with the empty fill) or
     truncated (a well-formed non-empty fill dropped for the student's input length), so
-    spans = nonempty_fills + empty_fills + fallbacks + truncated."""
+    spans = nonempty_fills + empty_fills + fallbacks + truncated. The span counts describe
+    the teacher's outputs whatever the malformed policy; `dropped_examples` counts the
+    examples that policy 'drop_example' replaced (`rewrite_examples`)."""
 
     spans: int = 0  # spans in the teacher inputs
     nonempty_fills: int = 0  # well-formed, non-empty fills the student sees
@@ -287,6 +308,9 @@ class RewriteStats:
     fill_tokens: int = 0  # tokens of the non-empty fills the student sees
     original_spans: int = 0  # original spans read from the targets (needs targets)
     original_tokens: int = 0  # their tokens
+    examples: int = 0  # rows with at least one span
+    incomplete_examples: int = 0  # of those, rows with a span that is not a non-empty fill
+    dropped_examples: int = 0  # incomplete rows replaced under malformed='drop_example'
 
     def merge(self, other: "RewriteStats") -> "RewriteStats":
         return RewriteStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
@@ -310,9 +334,10 @@ class RewriteStats:
         return cls(**{k: int(v) for k, v in d.items()})
 
     def summary(self) -> Mapping[str, float]:
-        """Scalars for logging. The four `*_rate` shares of spans (non-empty, empty,
-        fallback, truncated) add up to 1; exact copies and the mean fill length are over
-        the non-empty fills."""
+        """Scalars for logging. The four `*_fill_rate`/`fallback_rate`/`truncated_rate`
+        shares of spans (non-empty, empty, fallback, truncated) add up to 1; exact copies and
+        the mean fill length are over the non-empty fills; the complete and dropped example
+        rates are over the examples."""
         spans = max(self.spans, 1)
         return {"ssr/spans": self.spans,
                 "ssr/nonempty_fill_rate": self.nonempty_fills / spans,
@@ -324,7 +349,12 @@ class RewriteStats:
                                          if self.nonempty_fills else 0.0),
                 "ssr/mean_original_length": (self.original_tokens / self.original_spans
                                              if self.original_spans else 0.0),
-                "ssr/overlong_inputs": self.overlong_inputs}
+                "ssr/overlong_inputs": self.overlong_inputs,
+                "ssr/examples": self.examples,
+                "ssr/complete_example_rate": ((self.examples - self.incomplete_examples)
+                                              / max(self.examples, 1)),
+                "ssr/dropped_examples": self.dropped_examples,
+                "ssr/dropped_example_rate": self.dropped_examples / max(self.examples, 1)}
 
 
 def _stop_lengths(x: np.ndarray, stops: Sequence[int],
@@ -402,6 +432,23 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
       (e.g. the padding rows of a last, partial batch) gives just [EOS]: skip rows whose
       student target is empty before packing.
     """
+    rows, _, stats = _rewrite_rows(teacher_inputs, teacher_outputs, vocab_size, num_extra_ids,
+                                   eos_id, targets, max_length)
+    if pad_to is None:
+        return rows, stats
+    padded = np.zeros((len(rows), pad_to), np.int32)
+    for b, r in enumerate(rows):
+        if len(r) > pad_to:
+            raise ValueError(f"rewritten row {b} has {len(r)} tokens > pad_to={pad_to}; "
+                             "pass max_length")
+        padded[b, :len(r)] = r
+    return padded, stats
+
+
+def _rewrite_rows(teacher_inputs, teacher_outputs, vocab_size: int, num_extra_ids: int,
+                  eos_id: int, targets, max_length: Optional[int]):
+    """rewrite_batch's rows (a list), whether each row is complete (it has spans and each
+    has a non-empty fill the student sees), and the stats."""
     teacher_inputs = np.asarray(teacher_inputs)
     teacher_outputs = np.asarray(teacher_outputs)
     if teacher_inputs.ndim != 2 or teacher_outputs.ndim != 2 or (
@@ -409,7 +456,7 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
         raise ValueError(f"rewrite_batch wants [B, L] and [B, T] arrays, got "
                          f"{teacher_inputs.shape} and {teacher_outputs.shape}")
     stats = RewriteStats()
-    rows = []
+    rows, complete = [], []
     in_len = _stop_lengths(teacher_inputs, (0,))
     in_pos = _sentinel_positions(teacher_inputs, in_len, vocab_size, num_extra_ids)
     out_len = _stop_lengths(teacher_outputs, (0, eos_id), vocab_size)
@@ -465,29 +512,62 @@ def rewrite_batch(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray, vocab
             stats.overlong_inputs += 1
             out = out[:max_length - 1] + [eos_id]
         rows.append(np.asarray(out, np.int32))
-    if pad_to is None:
-        return rows, stats
-    padded = np.zeros((len(rows), pad_to), np.int32)
-    for b, r in enumerate(rows):
-        if len(r) > pad_to:
-            raise ValueError(f"rewritten row {b} has {len(r)} tokens > pad_to={pad_to}; "
-                             "pass max_length")
-        padded[b, :len(r)] = r
-    return padded, stats
+        done = bool(ks) and all(used)
+        complete.append(done)
+        stats.examples += bool(ks)
+        stats.incomplete_examples += bool(ks) and not done
+    return rows, complete, stats
+
+
+def span_corruption_target(target: Sequence[int], vocab_size: int, eos_id: int = 1
+                           ) -> np.ndarray:
+    """SSR target `orig_0 <x_1> ... orig_n-1 <x_n>` EOS -> T5's span-corruption target
+    `<x_0> orig_0 <x_1> ... orig_n-1` EOS (same length; the teacher input is T5's input)."""
+    body = [int(t) for t in target if t != eos_id and t != 0]
+    return np.asarray([vocab_lib.sentinel(vocab_size, 0)] + body[:-1] + [eos_id], np.int32)
+
+
+def rewrite_examples(teacher_inputs: np.ndarray, teacher_outputs: np.ndarray,
+                     targets: np.ndarray, vocab_size: int, num_extra_ids: int = 100,
+                     eos_id: int = 1, max_length: Optional[int] = None,
+                     malformed: str = "empty_fill") -> Tuple[List[dict], RewriteStats]:
+    """Student examples {'inputs', 'targets'} (unpadded int32) from a batch, with a policy
+    for an example that has a span without a non-empty well-formed fill (missing,
+    malformed, empty, or dropped for length):
+
+      'empty_fill'   (default) keep it; each such span reads `<x_k> <x_k+1>` (rewrite_batch);
+      'drop_example' the paper's data_gen.py: the example is not an SSR example. So that
+                     the batch stays full and lockstep is untouched, its slot holds the
+                     span-corruption example of the same segment (the teacher input and
+                     `span_corruption_target`, no longer than the SSR example), counted
+                     in `dropped_examples`.
+
+    All-padding rows come back as {'inputs': [EOS], 'targets': []} (skip them)."""
+    if malformed not in MALFORMED_POLICIES:
+        raise UserError(f"SSR malformed={malformed!r}: use one of {MALFORMED_POLICIES}.")
+    rows, complete, stats = _rewrite_rows(teacher_inputs, teacher_outputs, vocab_size,
+                                          num_extra_ids, eos_id, targets, max_length)
+    out = []
+    for tin, tgt, row, done in zip(np.asarray(teacher_inputs), np.asarray(targets), rows,
+                                   complete):
+        tgt = np.asarray(tgt[:np.count_nonzero(tgt)], np.int32)  # pad only after the example
+        if malformed == "drop_example" and not done and tgt.size:
+            stats.dropped_examples += 1
+            out.append({"inputs": np.asarray(tin[:np.count_nonzero(tin)], np.int32),
+                        "targets": span_corruption_target(tgt, vocab_size, eos_id)})
+        else:
+            out.append({"inputs": row, "targets": tgt})
+    return out, stats
 
 
 def teacher_outputs_from_targets(targets: np.ndarray, vocab_size: int, eos_id: int = 1
                                  ) -> np.ndarray:
     """The perfect teacher: `<x_0> orig_0 <x_1> ... <x_n>` from student targets [B, S].
-
-    Rewriting with it makes the student input the original text with sentinels around each
-    span (lossless); useful as a baseline and in tests.
-    """
+    Rewriting with it gives the original text with sentinels around each span (lossless)."""
     targets = np.asarray(targets)
     out = np.zeros((targets.shape[0], targets.shape[1] + 1), np.int32)
     out[:, 0] = vocab_lib.sentinel(vocab_size, 0)
-    body = np.where(targets == eos_id, 0, targets)
-    out[:, 1:] = body
+    out[:, 1:] = np.where(targets == eos_id, 0, targets)
     return out
 
 

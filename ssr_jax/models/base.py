@@ -14,9 +14,12 @@ Batches are dicts of int32 arrays [batch, length] in T5X's encoder-decoder layou
 """
 import abc
 import dataclasses
+import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+
+from ssr_jax.errors import UserError
 
 Params = Any  # nested dict of arrays
 Batch = Mapping[str, jax.Array]
@@ -41,6 +44,15 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    # n > 0: never emit a token that completes an n-gram already in the output (Hugging
+    # Face's no_repeat_ngram_size, every method); 0 = off.
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self):
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise UserError(f"DecodeConfig.no_repeat_ngram_size={n!r}: use an integer >= 0 "
+                            "(0 = off).")
 
 
 class BaseModel(abc.ABC):

@@ -55,20 +55,72 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     return argmax_last(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
+def ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length: jax.Array,
+                        n: int) -> jax.Array:
+    """Hugging Face's no_repeat_ngram_size: -inf for every token that would complete an
+    n-gram already present in the sequence decoded so far.
+
+    tokens [rows, T] holds each row's sequence (for an encoder-decoder HF's decoder
+    input_ids: the start token, then the emitted tokens); only its first `length` (scalar
+    or [rows]) positions count, so padding or stale tokens beyond never ban anything. Row
+    by row, O(T * n): the windows tokens[j:j+n-1] equal to the last n-1 tokens ban
+    tokens[j+n-1], for the complete n-grams j + n <= length. n <= 0 changes nothing.
+    """
+    rows, total = tokens.shape
+    if n <= 0 or total < n:
+        return logits
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (rows,))
+    starts = total - n + 1  # window start positions j
+    vocab = logits.shape[-1]
+
+    def row(row_logits, toks, cur):
+        last = toks[jnp.clip(cur - (n - 1) + jnp.arange(n - 1), 0, total - 1)]
+        hit = jnp.arange(starts) <= cur - n
+        for k in range(n - 1):  # over the n-gram's positions, not the sequence's
+            hit = hit & (toks[k:k + starts] == last[k])
+        banned = jnp.where(hit, toks[n - 1:], vocab)  # vocab: out of range, dropped
+        return row_logits.at[banned].set(-jnp.inf, mode="drop")
+
+    return jax.vmap(row)(logits, tokens.astype(jnp.int32), length)
+
+
+def _ban_in_output(logits: jax.Array, out: jax.Array, step: jax.Array, start_id: int,
+                   n: int) -> jax.Array:
+    """ban_repeated_ngrams on a decoder's output buffer out [rows, L] at `step`: the
+    sequence so far is the start token then out[:, :step], as HF's decoder input_ids."""
+    if n <= 0:
+        return logits
+    start = jnp.full((out.shape[0], 1), start_id, out.dtype)
+    return ban_repeated_ngrams(logits, jnp.concatenate([start, out], axis=1), step + 1, n)
+
+
+def _sorted_nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep-mask of the top-p nucleus over logits sorted in descending order: a token is
+    kept while the probability mass strictly before it is below top_p (the first always)."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    return jnp.cumsum(probs, axis=-1) - probs < top_p
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
                   iterations: int = 32) -> jax.Array:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf.
+    """Set logits outside the top-k and then outside the top-p nucleus to -inf.
 
-    The nucleus (the smallest set of most likely tokens whose probability reaches top_p) is
-    {p >= t*} with t* the largest threshold whose kept mass still reaches top_p. t* is found
-    by bisection on [0, max p] (`iterations` halvings, to ~1e-9 of max p): a few passes over
-    the vocabulary instead of a full sort per decoding step (~30x cheaper on CPU). The most
-    likely token is always kept, so a tiny top_p reduces to greedy.
+    Hugging Face's order (top-k, then top-p on the renormalised top k). With top_k, the
+    nucleus is taken over the k candidates of `jax.lax.top_k` (already sorted), so top-k +
+    top-p costs one top_k and O(k) work. Without top_k, the nucleus (the smallest set of
+    most likely tokens whose probability reaches top_p) is {p >= t*} with t* the largest
+    threshold whose kept mass still reaches top_p, found by bisection on [0, max p]
+    (`iterations` halvings, to ~1e-9 of max p): a few passes over the vocabulary instead of
+    a full sort per decoding step (~30x cheaper on CPU). The most likely token is always
+    kept, so a tiny top_p reduces to greedy. Tokens tied with the last kept one are kept.
     """
     logits = logits.astype(jnp.float32)
     if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        vals = jax.lax.top_k(logits, top_k)[0]
+        if top_p < 1.0:
+            kept = jnp.sum(_sorted_nucleus(vals, top_p), axis=-1, keepdims=True)
+            vals = jnp.take_along_axis(vals, kept - 1, axis=-1)
+        return jnp.where(logits < vals[..., -1:], -jnp.inf, logits)
     if top_p >= 1.0:
         return logits
     probs = jax.nn.softmax(logits, axis=-1)
@@ -82,6 +134,24 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
 
     lo, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(top), top))
     return jnp.where(probs >= jnp.minimum(lo, top), logits, -jnp.inf)
+
+
+def sample_tokens(keys: jax.Array, logits: jax.Array, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """One token per row (keys [rows] of PRNG keys, logits [rows, vocab]) from the
+    renormalised top-k-then-top-p distribution (`filter_logits`).
+
+    With top_k the draw is made among the k candidates of `jax.lax.top_k` only (the nucleus
+    and the Gumbel noise over k values, not the vocabulary): the same distribution, at the
+    cost of one top_k, which is cheaper than a vocabulary-wide nucleus or Gumbel draw."""
+    logits = logits.astype(jnp.float32)
+    if top_k and top_k < logits.shape[-1]:
+        vals, ids = jax.lax.top_k(logits, top_k)
+        if top_p < 1.0:
+            vals = jnp.where(_sorted_nucleus(vals, top_p), vals, -jnp.inf)
+        pick = jax.vmap(categorical)(keys, vals)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+    return jax.vmap(categorical)(keys, filter_logits(logits, 0, top_p))
 
 
 def _stop_inputs(batch_size: int, max_decode_length: int, stop_tokens: Optional[jax.Array],
@@ -98,13 +168,15 @@ def sample_decode(step_fn: StepFn, cache: Any, batch_size: int, max_decode_lengt
                   eos_id: int, start_id: int = 0, keys: Optional[jax.Array] = None,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   stop_tokens: Optional[jax.Array] = None,
-                  max_decode_lengths: Optional[jax.Array] = None
-                  ) -> Tuple[jax.Array, jax.Array]:
+                  max_decode_lengths: Optional[jax.Array] = None,
+                  no_repeat_ngram_size: int = 0) -> Tuple[jax.Array, jax.Array]:
     """Greedy (keys=None or temperature=0) or ancestral sampling.
 
     Row b at step t samples with fold_in(keys[b], t), so its tokens depend only on its own
     key. Returns (tokens [batch, max_decode_length], scores [batch]) where scores are the
     sum of the model's (untempered, unfiltered) log-probabilities of the emitted tokens.
+    no_repeat_ngram_size > 0 bans repeated n-grams (`ban_repeated_ngrams`) before the
+    temperature and the top-k/top-p filter, as in HF.
     """
     greedy = keys is None or temperature == 0.0
     stop_tokens, max_lens = _stop_inputs(batch_size, max_decode_length, stop_tokens,
@@ -113,9 +185,8 @@ def sample_decode(step_fn: StepFn, cache: Any, batch_size: int, max_decode_lengt
     def choose(logits, step):
         if greedy:
             return argmax_last(logits).astype(jnp.int32)
-        filtered = filter_logits(logits / temperature, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        return jax.vmap(categorical)(step_keys, filtered).astype(jnp.int32)
+        return sample_tokens(step_keys, logits / temperature, top_k, top_p).astype(jnp.int32)
 
     def cond(state):
         step, _, _, _, done, _ = state
@@ -125,7 +196,8 @@ def sample_decode(step_fn: StepFn, cache: Any, batch_size: int, max_decode_lengt
         step, cur, cache, out, done, score = state
         logits, cache = step_fn(cur, cache, step)
         logits = logits.astype(jnp.float32)
-        tok = jnp.where(done, 0, choose(logits, step))
+        allowed = _ban_in_output(logits, out, step, start_id, no_repeat_ngram_size)
+        tok = jnp.where(done, 0, choose(allowed, step))
         logp = (jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
                 - jax.nn.logsumexp(logits, axis=-1))
         score = score + jnp.where(done, 0.0, logp)
@@ -143,8 +215,8 @@ def sample_decode(step_fn: StepFn, cache: Any, batch_size: int, max_decode_lengt
 def beam_search(step_fn: StepFn, cache: Any, batch_size: int, num_beams: int,
                 max_decode_length: int, *, eos_id: int, start_id: int = 0,
                 alpha: float = 0.6, stop_tokens: Optional[jax.Array] = None,
-                max_decode_lengths: Optional[jax.Array] = None
-                ) -> Tuple[jax.Array, jax.Array]:
+                max_decode_lengths: Optional[jax.Array] = None,
+                no_repeat_ngram_size: int = 0) -> Tuple[jax.Array, jax.Array]:
     """Beam search; the cache's leading axis is batch * num_beams (row-major by batch).
 
     A candidate finishes on EOS, its row's stop token, or at its row's max length, and is
@@ -152,6 +224,8 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, num_beams: int,
     finished and the num_beams best unfinished hypotheses; decoding stops when no
     unfinished hypothesis can beat the worst kept finished one (the penalty grows with
     length and log-probs only fall). Returns the best (tokens [batch, length], score [batch]).
+    no_repeat_ngram_size > 0 bans, in each beam, the tokens that would repeat an n-gram of
+    that beam's own sequence (HF's processor on the log-probs; allowed ones keep theirs).
     """
     B, K, L = batch_size, num_beams, max_decode_length
     stop_tokens, max_lens = _stop_inputs(B, L, stop_tokens, max_decode_lengths)
@@ -174,7 +248,9 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, num_beams: int,
     def body(state):
         step, alive_seqs, alive_lp, fin_seqs, fin_scores, last, cache = state
         logits, cache = step_fn(last.reshape(B * K), cache, step)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(B, K, -1)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        logp = _ban_in_output(logp, alive_seqs.reshape(B * K, L), step, start_id,
+                              no_repeat_ngram_size).reshape(B, K, -1)
         vocab = logp.shape[-1]
         cand = (alive_lp[:, :, None] + logp).reshape(B, K * vocab)
         vals, idx = jax.lax.top_k(cand, 2 * K)

@@ -141,13 +141,15 @@ class EncoderDecoderModel(BaseModel):
                     step_fn, state["cache"], batch_size, beams, decode.max_decode_length,
                     eos_id=c.eos_id, start_id=c.decoder_start_token_id,
                     alpha=decode.brevity_alpha, stop_tokens=stop_tokens,
-                    max_decode_lengths=max_decode_lengths)
+                    max_decode_lengths=max_decode_lengths,
+                    no_repeat_ngram_size=decode.no_repeat_ngram_size)
         keys = None if rng is None else decoding.row_keys(rng, batch_size)
         return decoding.sample_decode(
                 step_fn, state["cache"], batch_size, decode.max_decode_length,
                 eos_id=c.eos_id, start_id=c.decoder_start_token_id, keys=keys,
                 temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p,
-                stop_tokens=stop_tokens, max_decode_lengths=max_decode_lengths)
+                stop_tokens=stop_tokens, max_decode_lengths=max_decode_lengths,
+                no_repeat_ngram_size=decode.no_repeat_ngram_size)
 
     def score_batch(self, params: Params, batch: Batch) -> jax.Array:
         """Per-example sum of target log-likelihoods under decoder_loss_weights."""

@@ -224,6 +224,7 @@ def _manifest(cfg, plan: stage_lib.SlotPlan, teacher: teacher_lib.TeacherConfig,
             "num_shards": plan.ssr_shard[1], "examples_per_step_per_shard": plan.host_ssr,
             "teacher": os.path.abspath(teacher.checkpoint_path), "sampler": sampler,
             "curriculum": dataclasses.asdict(config.curriculum) if config.curriculum else None,
+            "malformed": config.malformed,
             "vocabulary": vocab_lib.vocab_record(vocabulary), "num_steps": num_steps,
             "chunk_steps": chunk_steps}
 
@@ -286,7 +287,7 @@ def generate_spans(*, teacher: teacher_lib.TeacherConfig, dataset, output_dir: s
     gen_plan = dataclasses.replace(plan, sc_examples=0, host_sc=0)
     config = dataclasses.replace(ssr, probe_every=0, snapshot_every=chunk_steps)
     source = stage_lib.teacher_source(dataset, gen_plan, partitioner, teacher,
-                                      student_vocab_size)
+                                      student_vocab_size, ssr.malformed)
     pipelines = stage_lib.make_pipelines(dataset, gen_plan, config,
                                          dataset.mixture_or_task_name, dataset.shuffle,
                                          repeat=num_steps is not None)

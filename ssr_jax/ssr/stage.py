@@ -30,9 +30,15 @@ them (numpy) and builds the global student batch; by then the devices are busy w
 Sampling keys come from each example's tokens and the seed, so the fills do not depend on
 the batch, mesh or host count.
 
+Malformed teacher outputs (`SsrStageConfig.malformed`): by default a span without a
+well-formed non-empty fill reads `<x_k> <x_k+1>`; 'drop_example' (the paper's policy) puts
+the span-corruption example of the same segment in that example's slot instead, so the step
+keeps its fixed sizes (no extra teacher call, no example read ahead).
+
 Metrics (`pop_metrics()`, this host's examples since the last call; ssr/stats.py): the
 shares of spans with a non-empty fill, an empty fill, a fallback and a fill dropped for
-length (they add up to 1), exact copies of the original span, mean fill vs original length,
+length (they add up to 1), the examples with every span filled and those dropped, exact
+copies of the original span, mean fill vs original length,
 the teacher's share of the step time (measured every `probe_every` steps by draining the
 devices, timing the teacher alone, and comparing with the mean step time) and the share of
 the loop's time spent blocked on the teacher.
@@ -50,12 +56,13 @@ from ssr_jax import distributed
 from ssr_jax.data import packing
 from ssr_jax.data.dataset import get_task, import_task_module, task_vocabulary
 from ssr_jax.data.prefetch import Prefetcher
-from ssr_jax.data.ssr_preprocessors import (RewriteStats, rewrite_batch, task_mask_config,
+from ssr_jax.data.ssr_preprocessors import (MALFORMED_POLICIES, RewriteStats,
+                                            rewrite_examples, task_mask_config,
                                             teacher_decode_lengths)
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import stats as stats_lib
 from ssr_jax.ssr import teacher as teacher_lib
-from ssr_jax.ssr.curriculum import SpanCurriculum, take
+from ssr_jax.ssr.curriculum import CurriculumMask, SpanCurriculum
 
 Example = Mapping[str, np.ndarray]
 
@@ -72,7 +79,16 @@ class SsrStageConfig:
       replays at most this many steps of examples, without the teacher).
     probe_every: steps between teacher timing probes (0 = never); each costs one bubble.
     prefetch: host batches of examples read ahead by a background thread.
-    curriculum: optional span-length curriculum for the SSR examples (curriculum.py).
+    curriculum: optional span-length curriculum: the first steps' examples are masked again
+      with shorter spans at the same masked fraction (curriculum.py).
+    malformed: an example with a span that has no non-empty well-formed teacher fill:
+      'empty_fill' (default) keeps it, that span rewritten `<x_k> <x_k+1>`; 'drop_example'
+      (the paper's data_gen.py) makes its slot the span-corruption example of the same
+      segment (ssr_preprocessors.rewrite_examples), so batches stay full and lockstep holds.
+      The default keeps every example because dropping scales badly with the spans per
+      example: at 512 tokens (~28 spans) a teacher with 97% good fills per span completes
+      only 0.97^28 = 43% of its examples (the paper masked one line of text at a time).
+      Either way the stats count the kinds of spans and the dropped examples.
     """
 
     examples_per_row: int = 2
@@ -82,8 +98,12 @@ class SsrStageConfig:
     probe_every: int = 50
     prefetch: int = 2
     curriculum: Optional[SpanCurriculum] = None
+    malformed: str = "empty_fill"
 
     def __post_init__(self):
+        if self.malformed not in MALFORMED_POLICIES:
+            raise UserError(f"SsrStageConfig.malformed={self.malformed!r}: use one of "
+                            f"{MALFORMED_POLICIES}.")
         if self.examples_per_row < 1:
             raise UserError(f"SSR examples_per_row={self.examples_per_row} must be >= 1.")
         if self.span_corruption_examples < 0:
@@ -168,9 +188,10 @@ class TeacherCall:
     """One dispatched teacher batch: host inputs + the (async) global output."""
 
     def __init__(self, teacher, partitioner, examples: Sequence[Example],
-                 slot_lengths: Tuple[int, int], vocabulary, seed: int, fill_ratio: float):
+                 slot_lengths: Tuple[int, int], vocabulary, seed: int, fill_ratio: float,
+                 malformed: str = "empty_fill"):
         self.vocabulary, self.partitioner = vocabulary, partitioner
-        self.slot_lengths = slot_lengths
+        self.slot_lengths, self.malformed = slot_lengths, malformed
         self.inputs = pad_rows([ex["inputs"] for ex in examples], slot_lengths[0])
         self.targets = pad_rows([ex["targets"] for ex in examples], slot_lengths[1])
         # Carried by the SSR mask (0 for the padding examples of a last, short step).
@@ -191,9 +212,9 @@ class TeacherCall:
         outputs = self.partitioner.host_rows(self.output)
         waited = time.perf_counter() - t0
         v = self.vocabulary
-        rows, stats = rewrite_batch(self.inputs, outputs, v.vocab_size, v.extra_ids, v.eos_id,
-                                    targets=self.targets, max_length=self.slot_lengths[0])
-        examples = [{"inputs": r, "targets": strip_pad(t)} for r, t in zip(rows, self.targets)]
+        examples, stats = rewrite_examples(self.inputs, outputs, self.targets, v.vocab_size,
+                                           v.extra_ids, v.eos_id, self.slot_lengths[0],
+                                           self.malformed)
         return examples, stats, waited
 
 
@@ -203,13 +224,14 @@ class TeacherRewrite:
     rewrites = True
 
     def __init__(self, teacher, partitioner, slot_lengths: Tuple[int, int], vocabulary,
-                 seed: int, fill_ratio: float):
+                 seed: int, fill_ratio: float, malformed: str = "empty_fill"):
         self.teacher, self.partitioner, self.slot_lengths = teacher, partitioner, slot_lengths
         self.vocabulary, self.seed, self.fill_ratio = vocabulary, seed, fill_ratio
+        self.malformed = malformed
 
     def start(self, examples: Sequence[Example]) -> TeacherCall:
         return TeacherCall(self.teacher, self.partitioner, examples, self.slot_lengths,
-                           self.vocabulary, self.seed, self.fill_ratio)
+                           self.vocabulary, self.seed, self.fill_ratio, self.malformed)
 
 
 class _Stored:
@@ -254,16 +276,23 @@ class SSRStage:
     pipelines: {'ssr': InputPipeline[, 'span_corruption': InputPipeline]} read with
     `next_examples`; source: TeacherRewrite or StoredRewrites. allow_partial: a pipeline
     that ends gives a last, short step (generate-spans' one pass) instead of an error.
+    label: names the statistics line close() prints.
     """
 
     def __init__(self, plan: SlotPlan, partitioner, pipelines: Mapping[str, Any], source,
                  config: SsrStageConfig = SsrStageConfig(),
-                 summary_path: Optional[str] = None, allow_partial: bool = False):
+                 summary_path: Optional[str] = None, allow_partial: bool = False,
+                 label: str = "online SSR"):
         self.plan, self.partitioner, self.source, self.config = plan, partitioner, source, config
         self._pipelines = dict(pipelines)
         self._counts = {"ssr": plan.host_ssr, "span_corruption": plan.host_sc}
-        self._curriculum = config.curriculum if source.rewrites else None
-        self._allow_partial = allow_partial
+        self._curriculum = None  # offline training reads examples masked at generation
+        if config.curriculum is not None and config.curriculum.steps and source.rewrites:
+            v = source.vocabulary
+            self._curriculum = CurriculumMask(
+                    config.curriculum, task_mask_config(get_task(self._pipelines["ssr"].name)),
+                    plan.slot_lengths, v.vocab_size, v.extra_ids, v.eos_id, source.seed)
+        self._allow_partial, self.label = allow_partial, label
         self._state = self._snapshot_state(0)
         self._prefetch = Prefetcher(lambda: self._items(self._state), config.prefetch,
                                     "ssr-prefetch")
@@ -297,7 +326,7 @@ class SSRStage:
         summary = self.summary()
         if summary and jax.process_index() == 0:
             if self.source.rewrites and "ssr/spans" in summary:
-                print(f"online SSR over {int(summary['ssr/steps'])} steps: "
+                print(f"{self.label} over {int(summary['ssr/steps'])} steps: "
                       f"{stats_lib.describe(summary)}", flush=True)
             if self.summary_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.summary_path)), exist_ok=True)
@@ -385,8 +414,10 @@ class SSRStage:
             taken, read = {}, {}
             for name, pipeline in self._pipelines.items():
                 need = self._counts[name]
-                taken[name], read[name] = take(pipeline, need, step, self._curriculum
-                                               if name == "ssr" else None)
+                taken[name] = pipeline.next_examples(need)
+                read[name] = len(taken[name])
+                if name == "ssr" and self._curriculum is not None:
+                    taken[name] = self._curriculum.apply(taken[name], step)
                 if len(taken[name]) < need and not (self._allow_partial and name == "ssr"):
                     yield StopIteration(f"the {name} input pipeline ran out of examples")
                     return
@@ -442,9 +473,10 @@ def task_fill_ratio(cfg) -> float:
 
 
 def teacher_source(cfg, plan: SlotPlan, partitioner, teacher_config: teacher_lib.TeacherConfig,
-                   student_vocab_size: Optional[int] = None) -> TeacherRewrite:
+                   student_vocab_size: Optional[int] = None,
+                   malformed: str = "empty_fill") -> TeacherRewrite:
     """Checks the teacher (no compute), then loads it onto the partitioner's mesh for the
-    SSR-masked task of `cfg`, with the task's length budget."""
+    SSR-masked task of `cfg`, with the task's length budget and a malformed policy."""
     vocabulary = task_vocabulary(cfg.mixture_or_task_name, cfg.module)
     teacher_lib.check_teacher(teacher_config, vocabulary, student_vocab_size)
     fill_ratio = task_fill_ratio(cfg)
@@ -452,7 +484,7 @@ def teacher_source(cfg, plan: SlotPlan, partitioner, teacher_config: teacher_lib
     teacher = teacher_lib.Teacher.load(teacher_config, partitioner, vocabulary, max_len,
                                        student_vocab_size)
     return TeacherRewrite(teacher, partitioner, plan.slot_lengths, vocabulary,
-                          teacher_config.seed, fill_ratio)
+                          teacher_config.seed, fill_ratio, malformed)
 
 
 def online_stage(cfg, partitioner, num_microbatches: int, teacher_config: teacher_lib.TeacherConfig,
@@ -463,7 +495,8 @@ def online_stage(cfg, partitioner, num_microbatches: int, teacher_config: teache
     lengths and batch size: the student's). Checks the teacher before loading anything."""
     plan = plan_slots(cfg.task_feature_lengths, cfg.batch_size, config, partitioner,
                       num_microbatches)
-    source = teacher_source(cfg, plan, partitioner, teacher_config, student_vocab_size)
+    source = teacher_source(cfg, plan, partitioner, teacher_config, student_vocab_size,
+                            config.malformed)
     pipelines = make_pipelines(cfg, plan, config, cfg.mixture_or_task_name, cfg.shuffle)
     t = source.teacher.config
     print(f"online SSR: teacher {teacher_config.checkpoint_path} ({t.d_model} d_model, "

@@ -56,7 +56,8 @@ class StageMetrics:
 
 def describe(summary: Mapping[str, float]) -> str:
     """One line of SSR statistics from `RewriteStats.summary()`-style scalars: every span
-    is one of the four kinds, so their shares add up to 100%."""
+    is one of the four kinds, so their shares add up to 100%; then the examples whose every
+    span has a non-empty fill, and those dropped by malformed='drop_example'."""
     if not summary.get("ssr/spans"):
         return "no spans rewritten"
     if "ssr/nonempty_fill_rate" not in summary:
@@ -68,6 +69,12 @@ def describe(summary: Mapping[str, float]) -> str:
             f"{summary['ssr/exact_copy_rate']:.1%} exact copies, mean "
             f"{summary['ssr/mean_fill_length']:.2f} tokens vs "
             f"{summary['ssr/mean_original_length']:.2f} original")
+    if summary.get("ssr/examples"):  # written since examples were counted
+        line += (f"; {int(summary['ssr/examples']):,} examples, "
+                 f"{summary['ssr/complete_example_rate']:.1%} with every span filled")
+        if summary.get("ssr/dropped_examples"):
+            line += (f", {int(summary['ssr/dropped_examples']):,} dropped (malformed; span "
+                     "corruption in their slots)")
     if "ssr/teacher_time_share" in summary:
         line += f", teacher {summary['ssr/teacher_time_share']:.0%} of the step time"
     return line

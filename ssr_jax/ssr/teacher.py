@@ -10,7 +10,10 @@ optimizer state) and optionally held in bfloat16 (params and activations).
 Generation is one jitted function with explicit in/out shardings (every per-example array is
 sharded on the batch axes like a student batch): temperature/top-k/top-p sampling in a
 `lax.while_loop` with the KV cache (the model's predict_batch; ssr_jax.models.decoding's
-`filter_logits` is a sort-free top-p). For each masked example:
+`sample_tokens` draws among the top k candidates, nucleus on those k only). The default
+sampler is the one the paper's data generation ran: Hugging Face `generate(do_sample=True,
+top_p=0.9)`, whose implicit defaults add top_k=50 and temperature 1, applied in HF's order
+(top-k, then top-p on the renormalised k), docs/FACTS.md. For each masked example:
   * its PRNG key is a 64-bit hash of its teacher-input tokens and the run seed, computed on
     the host (`example_keys`), so its fills do not depend on the batch it lands in, the mesh,
     the number of hosts, or a restart; online and offline generation therefore agree;
@@ -53,7 +56,9 @@ class TeacherConfig:
     checkpoint_path: a step dir, checkpoint root or model dir (ssr_jax.train.checkpoints).
     model_config: overrides the checkpoint's model_config.json (needed when it has none).
     dtype: 'bfloat16' casts the teacher's params and activations (halves its memory).
-    top_p / top_k / temperature: the sampler (the paper: top-p 0.9).
+    top_p / top_k / temperature: the sampler; the defaults are what the paper's code ran
+      (HF generate with top_p=0.9 and its implicit top_k=50, temperature 1): top-k first,
+      then the nucleus of the renormalised k. top_k=0 turns top-k off (pure top-p).
     seed: mixed into every example's key; the same seed gives the same fills.
     """
 
@@ -61,7 +66,7 @@ class TeacherConfig:
     model_config: Optional[T5Config] = None
     dtype: str = "float32"
     top_p: float = 0.9
-    top_k: int = 0
+    top_k: int = 50
     temperature: float = 1.0
     seed: int = 0
 

@@ -7,10 +7,13 @@ Layout of a checkpoint root (MODEL_DIR/checkpoints, or what import-hf writes):
     <root>/<step>/train_state/         optimizer state, step, rng, non-finite counters
     <root>/<step>/data_state/          JSON: {"process_count": n, "hosts": [state of host i]}
     <root>/<step>/model_config.json    copy of the root's, once the step is finalised
+    <root>/initial_checkpoint.json     a run started from INITIAL_CHECKPOINT_PATH: which
+                                       checkpoint, at which step (its resumes read it)
 
 Only `params/` (+ a model_config.json in the step dir or its root) is needed by
 `load_params`, so params-only checkpoints (e.g. from import-hf) are valid initial
-checkpoints and eval/infer inputs.
+checkpoints and eval/infer inputs. `load_initial` also takes the step and, when it fits the
+run's optimizer, the optimizer state (T5X's convention: the step travels with the params).
 """
 import contextlib
 import dataclasses
@@ -33,6 +36,7 @@ TRAIN_STATE = "train_state"
 DATA_STATE = "data_state"
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
+INITIAL_RECORD_FILE = "initial_checkpoint.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +187,7 @@ class Checkpointer:
                 DATA_STATE: ocp.args.JsonRestore(),
         }))
         ts = restored[TRAIN_STATE]
-        # Orbax gives tuples back for NamedTuple nodes: rebuild the optimizer's own tree.
-        opt_state = jax.tree.unflatten(jax.tree.structure(template.opt_state),
-                                       jax.tree.leaves(ts["opt_state"]))
+        opt_state = _as_tree_of(template.opt_state, ts["opt_state"])
         state = template.replace(params=restored[PARAMS], opt_state=opt_state).replace_meta(ts)
         if int(jax.device_get(state.step)) != step:
             raise ValueError(f"stored step {int(state.step)} != directory step {step}")
@@ -216,6 +218,11 @@ def _quiet_orbax():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _as_tree_of(template: Any, restored: Any) -> Any:
+    """Orbax gives tuples back for NamedTuple nodes: rebuild the optimizer's own tree."""
+    return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(restored))
 
 
 def _stored_tree(item_dir: str) -> Any:
@@ -362,3 +369,112 @@ def _check_compatible(stored: Any, expected: Any, where: str):
         raise UserError(f"checkpoint {where} does not fit the model ({'; '.join(parts)}); "
                         "check that the gin model size matches the checkpoint (or use a fresh "
                         "MODEL_DIR).")
+
+
+# --- initial checkpoints (INITIAL_CHECKPOINT_PATH) ----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InitialCheckpoint:
+    """What a run takes from its initial checkpoint. step: the step the checkpoint records
+    (0 when it holds params only); opt_state: None when not taken (`fresh_reason` says why)."""
+
+    step_dir: str
+    step: int
+    params: Any
+    opt_state: Any = None
+    fresh_reason: str = ""
+
+
+def recorded_step(checkpoint_path: str) -> int:
+    """The step a checkpoint records: its train state's (`ssr-jax train` checkpoints), 0 when
+    it holds params only (`import-hf`, `save_params`). Reads one scalar."""
+    item = os.path.join(resolve_step_dir(checkpoint_path), TRAIN_STATE)
+    if not os.path.isdir(item):
+        return 0
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        with _quiet_orbax():
+            meta = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+                    item={"step": np.zeros((), np.int32)},
+                    restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+                    partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"cannot read the step of checkpoint {item}: {_first_line(e)}") from e
+    finally:
+        checkpointer.close()
+    return int(meta["step"])
+
+
+def _signature(tree: Any) -> dict:
+    """{path: shape} with path keys as plain strings: Orbax stores a NamedTuple node as a
+    dict of its fields, so `[0].count` (GetAttrKey) and `['0']['count']` (DictKey) agree."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {tuple(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_initial(checkpoint_path: str, template, shardings,
+                 with_opt_state: bool = True) -> InitialCheckpoint:
+    """Params, recorded step and (with_opt_state) the optimizer state of a checkpoint, restored
+    into the run's shardings. The optimizer state is taken only when its tree and shapes are
+    the run's optimizer's (a checkpoint of the same optimizer); else None, with the reason."""
+    step_dir = resolve_step_dir(checkpoint_path)
+    step = recorded_step(step_dir)
+    params = load_params(step_dir, shardings.params, template.params)
+    item = os.path.join(step_dir, TRAIN_STATE)
+    if not with_opt_state:
+        return InitialCheckpoint(step_dir, step, params, None, "asked for params only")
+    if not os.path.isdir(item):
+        return InitialCheckpoint(step_dir, step, params, None, "the checkpoint holds params "
+                                 "only")
+    target = {"opt_state": template.opt_state, **template.meta()}
+    try:
+        stored = _stored_tree(item)
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"cannot read checkpoint {item}: {_first_line(e)}") from e
+    if _signature(stored) != _signature(target):
+        return InitialCheckpoint(step_dir, step, params, None, "its optimizer state does not "
+                                 "fit this run's optimizer")
+    train_shard = {"opt_state": shardings.opt_state, **shardings.meta()}
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        with _quiet_orbax():
+            restored = checkpointer.restore(item, _abstract(target, train_shard))
+    except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"cannot restore the optimizer state from {item}: "
+                        f"{_first_line(e)}") from e
+    finally:
+        checkpointer.close()
+    return InitialCheckpoint(step_dir, step, params,
+                             _as_tree_of(template.opt_state, restored["opt_state"]))
+
+
+def write_initial_record(directory: str, record: Optional[dict]):
+    """Records (process 0) where a run in `directory` (its checkpoint root) started from;
+    None removes the record (a run from scratch)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(directory, INITIAL_RECORD_FILE)
+    if record is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def read_initial_record(directory: str) -> Optional[dict]:
+    """The record `write_initial_record` wrote in `directory`, or None (a run from scratch)."""
+    path = os.path.join(directory, INITIAL_RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it records the initial checkpoint "
+                        "this run started from: restore it, or use a fresh MODEL_DIR.") from e

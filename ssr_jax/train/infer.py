@@ -1,15 +1,15 @@
 """Inference: decode a task's split with a checkpoint, write JSONL, compute the task's metrics.
 
 Output: <model_dir>/inference/<task>-<split>-<step>-<decode>.jsonl (`output_name`: decode is
-e.g. 'greedy', 'beam4', 'sample-t0.7-seed0', so runs with other settings keep their own
-files), one {"inputs", "targets", "prediction", "score"} object per real example of the
-split, in order (padding rows are never written), and <same name>-metrics.json with the
-task's seqio predict metrics over those rows (when it has any). `inputs` and `targets` are
-the task's text before tokenization and truncation (seqio's `*_pretokenized` features) when
-that text is what the tokens came from; otherwise (e.g. span corruption, whose inputs are
-made after tokenizing) the decoded tokens. The metrics see the same text, the postprocess_fn
-getting an example {"inputs_pretokenized", "targets_pretokenized"} (bytes, as seqio gives
-them), so they can be recomputed from the file. Process 0 writes.
+e.g. 'greedy', 'beam4', 'sample-t0.7-seed0', 'greedy-norep3', so runs with other settings
+keep their own files), one {"inputs", "targets", "prediction", "score"} object per real
+example of the split, in order (padding rows are never written), and <same name>-metrics.json
+with the task's seqio predict metrics over those rows (when it has any). `inputs` and
+`targets` are the task's text before tokenization and truncation (seqio's `*_pretokenized`
+features) when that text is what the tokens came from; otherwise (e.g. span corruption, whose
+inputs are made after tokenizing) the decoded tokens. The metrics see the same text, the
+postprocess_fn getting an example {"inputs_pretokenized", "targets_pretokenized"} (bytes, as
+seqio gives them), so they can be recomputed from the file. Process 0 writes.
 """
 import dataclasses
 import json
@@ -30,18 +30,20 @@ _DEFAULTS = DecodeConfig()
 
 def output_name(task: str, split: str, step: str, decode: DecodeConfig, seed: int = 0) -> str:
     """<task>-<split>-<step>-<method and the settings that change its output>."""
+    norep = f"-norep{decode.no_repeat_ngram_size}" if decode.no_repeat_ngram_size else ""
     if decode.method == "beam":
         method = f"beam{decode.num_beams}"
         if decode.brevity_alpha != _DEFAULTS.brevity_alpha:
             method += f"-alpha{decode.brevity_alpha:g}"
+        method += norep
     elif decode.method == "sample":
         method = "sample"
         method += f"-t{decode.temperature:g}" if decode.temperature != 1.0 else ""
         method += f"-k{decode.top_k}" if decode.top_k else ""
         method += f"-p{decode.top_p:g}" if decode.top_p < 1.0 else ""
-        method += f"-seed{seed}"
+        method += f"{norep}-seed{seed}"
     else:
-        method = decode.method
+        method = decode.method + norep
     return f"{task}-{split}-{step}-{method}"
 
 
@@ -149,17 +151,24 @@ def _decode_rows(task, inputs: Dict[str, np.ndarray], preds: Dict[str, np.ndarra
     return rows
 
 
-def _task_metrics(task, rows) -> Dict[str, Any]:
-    """The task's predict metric_fns on post-processed targets and predictions."""
-    fns = list(getattr(task, "predict_metric_fns", None) or [])
-    if not fns or not rows:
-        return {}
+def postprocessed(task, rows: List[Dict[str, Any]]):
+    """(targets, predictions) of written rows as the task's metric fns take them: through its
+    postprocess_fn, which sees the example's text as seqio gives it (bytes)."""
     post = getattr(task, "postprocess_fn", None) or (lambda x, **_: x)
     examples = [{"inputs_pretokenized": r.get("inputs", "").encode("utf-8"),
                  "targets_pretokenized": r["targets"].encode("utf-8")} for r in rows]
     targets = [post(r["targets"], example=ex, is_target=True) for r, ex in zip(rows, examples)]
     predictions = [post(r["prediction"], example=ex, is_target=False)
                    for r, ex in zip(rows, examples)]
+    return targets, predictions
+
+
+def _task_metrics(task, rows) -> Dict[str, Any]:
+    """The task's predict metric_fns on post-processed targets and predictions."""
+    fns = list(getattr(task, "predict_metric_fns", None) or [])
+    if not fns or not rows:
+        return {}
+    targets, predictions = postprocessed(task, rows)
     metrics: Dict[str, Any] = {}
     for fn in fns:
         for k, v in fn(targets, predictions).items():

@@ -4,6 +4,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import PartitionSpec
 
 from ssr_jax.models.base import BaseModel
@@ -69,12 +70,35 @@ def init_state(model: BaseModel, optimizer: Optimizer, partitioner: Partitioner,
         return jax.jit(make, out_shardings=shardings)(seed)
 
 
+def schedule_counts_at(opt_state: Any, step) -> Any:
+    """`opt_state` with every schedule count (optax's ScaleByScheduleState) set to `step`:
+    the learning rate the optimizer applies is then schedule(step), the one the train step
+    logs. Other counts (Adafactor's decay, Adam's bias correction) belong to the moments and
+    stay those of fresh ones."""
+    def is_schedule(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(
+            lambda x: x._replace(count=jnp.full_like(x.count, step)) if is_schedule(x) else x,
+            opt_state, is_leaf=is_schedule)
+
+
 def state_from_params(params: Any, optimizer: Optimizer, partitioner: Partitioner,
-                      shardings: TrainState, seed: int) -> TrainState:
-    """A step-0 state around given (already sharded) params, e.g. from a pretrained model."""
-    def make(p, seed):
-        return TrainState.create(p, optimizer, jax.random.split(jax.random.PRNGKey(seed))[1])
+                      shardings: TrainState, seed: int, step: int = 0,
+                      opt_state: Any = None) -> TrainState:
+    """A state at `step` around given (already sharded) params, e.g. from an initial
+    checkpoint: its (sharded) optimizer state when given, else a fresh one whose schedule
+    continues at `step`. The dropout rng is init_state's for `seed`, so dropout stays a
+    function of (seed, step)."""
     rep = partitioner.sharding(PartitionSpec())
+
+    def make(p, o, seed, step):
+        if o is None:
+            o = schedule_counts_at(optimizer.tx.init(p), step)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=p, opt_state=o,
+                          rng=jax.random.split(jax.random.PRNGKey(seed))[1],
+                          nonfinite_consecutive=zero, nonfinite_total=zero)
+    opt_shardings = None if opt_state is None else shardings.opt_state
     with partitioner.activation_context():
-        return jax.jit(make, in_shardings=(shardings.params, rep),
-                       out_shardings=shardings)(params, seed)
+        return jax.jit(make, in_shardings=(shardings.params, opt_shardings, rep, rep),
+                       out_shardings=shardings)(params, opt_state, seed, step)

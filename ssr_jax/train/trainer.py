@@ -48,10 +48,18 @@ def train(*, model: BaseModel, model_dir: str, train_dataset: DatasetConfig, tra
           eval_dataset: Optional[DatasetConfig] = None, eval_every: int = 0, eval_steps: int = 20,
           log_every: int = 50, num_microbatches: int = 1, seed: int = 0,
           initial_checkpoint_path: Optional[str] = None,
+          initial_checkpoint_params_only: bool = False, replay_initial_data: bool = False,
           input_stage_factory: Optional[StageFactory] = None,
           max_consecutive_nonfinite: int = 20,
           peak_flops_per_device: Optional[float] = None) -> TrainResult:
-    """Trains to `train_steps`, resuming from MODEL_DIR/checkpoints when it has a checkpoint."""
+    """Trains to `train_steps`, resuming from MODEL_DIR/checkpoints when it has a checkpoint.
+
+    From `initial_checkpoint_path` (T5X's convention): the run starts at the checkpoint's
+    step S with its optimizer state when that fits the optimizer, so the learning-rate
+    schedule continues; `train_steps` is the total (S + the steps to train). Its data is
+    shuffled with `data_seed(seed, S)`, another order than the checkpoint's run read, unless
+    `replay_initial_data`. `initial_checkpoint_params_only`: take the params only and start at
+    step 0 with a fresh optimizer state."""
     run = _Run.setup(**locals())
     state, stage, result = run.state, run.stage, TrainResult(run.state, [], [])
     step = int(jax.device_get(state.step))
@@ -124,7 +132,8 @@ class _Run:
     @classmethod
     def setup(cls, *, model, model_dir, train_dataset, train_steps, optimizer, partitioner,
               checkpoint, eval_dataset, eval_every, eval_steps, log_every, num_microbatches,
-              seed, initial_checkpoint_path, input_stage_factory, max_consecutive_nonfinite,
+              seed, initial_checkpoint_path, initial_checkpoint_params_only,
+              replay_initial_data, input_stage_factory, max_consecutive_nonfinite,
               peak_flops_per_device) -> "_Run":
         if train_steps <= 0 or log_every <= 0:
             raise UserError(f"TRAIN_STEPS={train_steps} and log_every={log_every} must be > 0.")
@@ -141,8 +150,10 @@ class _Run:
         shardings = ts.state_shardings(partitioner, model, abstract)
         checkpointer = ckpt.Checkpointer(os.path.join(model_dir, ckpt.CHECKPOINTS_SUBDIR),
                                          checkpoint, model_config=model.config_dict())
-        state, data_state = _initial_state(model, optimizer, partitioner, abstract, shardings,
-                                           checkpointer, initial_checkpoint_path, seed)
+        start = _Start(initial_checkpoint_path, initial_checkpoint_params_only,
+                       replay_initial_data, seed, train_steps)
+        state, data_state, train_dataset = start.state(
+                model, optimizer, partitioner, abstract, shardings, checkpointer, train_dataset)
         step = int(jax.device_get(state.step))
         if step >= train_steps:  # a finished run: nothing more is built
             return cls(state, None, None, checkpointer, None, None, max_consecutive_nonfinite)
@@ -210,23 +221,113 @@ def _latest_checkpoint(checkpointer: ckpt.Checkpointer) -> str:
             f"The last checkpoint, step {latest}, is in {checkpointer.directory}.")
 
 
-def _initial_state(model, optimizer, partitioner, abstract, shardings, checkpointer,
-                   initial_checkpoint_path, seed):
-    """Resume from the run's own checkpoint if any; else params from an initial checkpoint;
-    else fresh params. Returns (state, data state or None)."""
-    restored = checkpointer.restore_latest(abstract, shardings)
-    if restored is not None:
-        state, data_state = restored
-        print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
-        if data_state is None:
-            print("WARNING: no input pipeline state in the checkpoint; data restarts.")
-        return state, data_state
-    if initial_checkpoint_path:
-        params = ckpt.load_params(initial_checkpoint_path, shardings.params, abstract.params)
-        print(f"initialised params from {ckpt.resolve_step_dir(initial_checkpoint_path)}",
-              flush=True)
-        return ts.state_from_params(params, optimizer, partitioner, shardings, seed), None
-    return ts.init_state(model, optimizer, partitioner, shardings, seed), None
+# An odd multiplier (2^32 / golden ratio): distinct initial steps give distinct seeds mod 2^31.
+_DATA_SEED_STRIDE = 0x9E3779B1
+
+
+def data_seed(seed: int, initial_step: int, replay: bool = False) -> int:
+    """The shuffle seed of a run's training data: `seed` for a run from scratch, from a
+    step-0 checkpoint or with `replay`; else (seed + 2654435761 * S) mod 2^31 for a run from
+    an initial checkpoint at step S, so that the run does not read the data in the order the
+    checkpoint's own run did (deterministic: its resumes get the same seed)."""
+    if replay or initial_step == 0:
+        return seed
+    return (seed + _DATA_SEED_STRIDE * initial_step) % 2 ** 31
+
+
+def run_start_step(model_dir: str, initial_checkpoint_path: Optional[str] = None,
+                   params_only: bool = False) -> int:
+    """The step at which a run's data stream began (no compute): its recorded start when
+    MODEL_DIR has checkpoints, else the initial checkpoint's step (0 with params_only or
+    without one). TRAIN_STEPS minus it is how many batches the run reads from its data's
+    beginning (e.g. what offline SSR data must hold)."""
+    directory = os.path.join(model_dir, ckpt.CHECKPOINTS_SUBDIR)
+    if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+        record = ckpt.read_initial_record(directory)
+        return int(record["start_step"]) if record else 0
+    if not initial_checkpoint_path or params_only:
+        return 0
+    return ckpt.recorded_step(initial_checkpoint_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where a run starts: its own newest checkpoint (a resume), else its initial checkpoint,
+    else fresh params."""
+
+    initial_checkpoint_path: Optional[str]
+    params_only: bool
+    replay: bool
+    seed: int
+    train_steps: int
+
+    def state(self, model, optimizer, partitioner, abstract, shardings, checkpointer,
+              dataset: DatasetConfig):
+        """(state, data state or None, the dataset with the run's data seed)."""
+        restored = checkpointer.restore_latest(abstract, shardings)
+        if restored is not None:
+            state, data_state = restored
+            print(f"resumed from step {int(state.step)} in {checkpointer.directory}",
+                  flush=True)
+            if data_state is None:
+                print("WARNING: no input pipeline state in the checkpoint; data restarts.")
+            record = ckpt.read_initial_record(checkpointer.directory)
+            initial_step = int(record["step"]) if record else 0
+            return state, data_state, self._with_data_seed(dataset, initial_step, False)
+        if not self.initial_checkpoint_path:
+            # A record left by a start from an initial checkpoint that never saved a step
+            # would give this run's resumes another data seed than it starts with.
+            ckpt.write_initial_record(checkpointer.directory, None)
+            return (ts.init_state(model, optimizer, partitioner, shardings, self.seed), None,
+                    dataset)
+        state, initial_step = self._from_initial(optimizer, partitioner, abstract, shardings,
+                                                 checkpointer)
+        return state, None, self._with_data_seed(dataset, initial_step, True)
+
+    def _from_initial(self, optimizer, partitioner, abstract, shardings, checkpointer):
+        """(state, the initial checkpoint's recorded step); records where the run started."""
+        step_dir = ckpt.resolve_step_dir(self.initial_checkpoint_path)
+        initial_step = ckpt.recorded_step(step_dir)
+        if not self.params_only and self.train_steps <= initial_step:
+            raise UserError(
+                    f"TRAIN_STEPS={self.train_steps} counts all steps, the initial "
+                    f"checkpoint's included, and INITIAL_CHECKPOINT_PATH {step_dir} is at step "
+                    f"{initial_step}: to train N more steps set TRAIN_STEPS={initial_step}+N "
+                    f"(e.g. {initial_step + self.train_steps}), or set "
+                    "train.initial_checkpoint_params_only = True to start at step 0.")
+        init = ckpt.load_initial(step_dir, abstract, shardings,
+                                 with_opt_state=not self.params_only)
+        step = 0 if self.params_only else init.step
+        state = ts.state_from_params(init.params, optimizer, partitioner, shardings,
+                                     self.seed, step, init.opt_state)
+        if self.params_only:
+            print(f"initialised params from {step_dir} (step {init.step}); "
+                  "train.initial_checkpoint_params_only: starting at step 0 with a fresh "
+                  "optimizer state.", flush=True)
+        elif init.opt_state is not None:
+            print(f"initialised params and optimizer state from {step_dir}: continuing at "
+                  f"step {step} of TRAIN_STEPS={self.train_steps}.", flush=True)
+        else:
+            print(f"initialised params from {step_dir}: continuing at step {step} of "
+                  f"TRAIN_STEPS={self.train_steps} with a fresh optimizer state "
+                  f"({init.fresh_reason}; the learning-rate schedule continues at step "
+                  f"{step}).", flush=True)
+        ckpt.write_initial_record(checkpointer.directory, {
+                "initial_checkpoint": step_dir, "step": init.step, "start_step": step,
+                "optimizer_state": "fresh" if init.opt_state is None else "restored"})
+        return state, init.step
+
+    def _with_data_seed(self, dataset: DatasetConfig, initial_step: int,
+                        announce: bool) -> DatasetConfig:
+        seed = data_seed(dataset.seed, initial_step, self.replay)
+        if seed == dataset.seed:
+            return dataset
+        if announce:
+            print(f"data: shuffle seed {seed}, from the dataset's seed {dataset.seed} and the "
+                  f"initial checkpoint's step {initial_step}: another order than the initial "
+                  "checkpoint's run read (train.replay_initial_data = True: the same order).",
+                  flush=True)
+        return dataclasses.replace(dataset, seed=seed)
 
 
 class _SplitBatches:
