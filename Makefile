@@ -32,7 +32,7 @@ constraints:
 run: install
 	$(VENV)/bin/ssr-jax default-run --out_dir=$(RUN_DIR)
 
-# Does SSR help? The objective comparison on the embedded default (~45 min on 2 CPU cores;
+# Does SSR help? The objective comparison on the embedded default (~30 min on 2 CPU cores;
 # rerun to resume): MODEL_DIR/report.md, results.json and plots.
 compare: install
 	$(VENV)/bin/ssr-jax compare --gin_file=gin/compare/default.gin --gin.MODEL_DIR="'$(COMPARE_DIR)'"

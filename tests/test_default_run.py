@@ -25,6 +25,7 @@ def test_rejects_bad_arguments(tmp_path):
     ({"select_every": 700}, "no checkpoint to choose from"),
     ({"tasks": ("x",)}, r"task_lengths has no lengths for \['x'\]"),
     ({"seeds": ()}, "compare.seeds is empty"),
+    ({"tasks": ()}, "compare.tasks is empty"),
 ])
 def test_compare_spec_refuses_bad_settings(changes, match):
     base = dict(out_dir="/tmp/x", task_lengths={GEC: {"inputs": 8, "targets": 8}},

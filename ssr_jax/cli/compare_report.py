@@ -73,7 +73,9 @@ def _protocol(spec: CompareSpec, teacher, init) -> Dict[str, Any]:
                     f"{init['model'].get('num_decoder_layers')} layers)"),
         "shared init": f"{init['dir']} (step {init['step']})",
         "arms": f"{', '.join(spec.arms)}: {spec.arm_steps} steps each from the init",
-        "fine-tuning": (f"{spec.finetune_gin}, {spec.finetune_steps} steps, seeds "
+        "fine-tuning": (f"{spec.finetune_gin}, "
+                        + ", ".join(f"{t}: {spec.steps_of(t)} steps" for t in spec.tasks)
+                        + ", seeds "
                         f"{list(spec.seeds)}; checkpoint chosen every {spec.select_every} "
                         "steps by the greedy-decoded validation metric"),
         "decoding": ("greedy" + (f", no repeated {spec.no_repeat_ngram_size}-grams"

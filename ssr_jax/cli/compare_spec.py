@@ -56,6 +56,7 @@ class CompareSpec:
     primary_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     finetune_gin: str = "compare/finetune.gin"
     finetune_steps: int = 600
+    task_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per-task override
     select_every: int = 200
     seeds: Tuple[int, ...] = (0, 1, 2)
     decode_batch_size: int = 64
@@ -101,14 +102,26 @@ class CompareSpec:
         if not self.seeds:
             raise UserError("compare.seeds is empty: give at least one fine-tuning seed "
                             "(3 or more for a spread).")
-        if self.select_every > self.finetune_steps:
-            raise UserError(f"compare.select_every={self.select_every} > finetune_steps="
-                            f"{self.finetune_steps}: no checkpoint to choose from.")
+        for task in self.tasks:
+            steps = self.steps_of(task)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise UserError(f"compare.task_steps[{task!r}]={steps!r} must be an integer "
+                                ">= 1.")
+            if self.select_every > steps:
+                raise UserError(f"compare.select_every={self.select_every} > the {steps} "
+                                f"fine-tuning steps of {task}: no checkpoint to choose from.")
+        if not self.tasks:
+            raise UserError("compare.tasks is empty: give at least one downstream task (any "
+                            "registered seq2seq task), e.g. compare.tasks=['ssr_default_gec'].")
         missing = [t for t in self.tasks if t not in self.task_lengths]
         if missing:
             raise UserError(f"compare.task_lengths has no lengths for {missing}; e.g. "
                             f"compare.task_lengths={{'{missing[0]}': {{'inputs': 128, "
                             "'targets': 64}}}.")
+
+    def steps_of(self, task: str) -> int:
+        """Fine-tuning steps of a task (compare.task_steps, else finetune_steps)."""
+        return self.task_steps.get(task, self.finetune_steps)
 
     @property
     def ssr_arms(self) -> Tuple[str, ...]:

@@ -310,7 +310,7 @@ class Stages:
         lengths = dict(spec.task_lengths[task])
         name = f"finetune/{task}/{arm}/seed{seed}"
         inputs = {"gin": spec.finetune_gin, "from": arm_info["dir"], "from_step": arm_info["step"],
-                  "steps": spec.finetune_steps, "select_every": spec.select_every,
+                  "steps": spec.steps_of(task), "select_every": spec.select_every,
                   "lengths": lengths, "validation_batches": spec.validation_batches,
                   "test_batches": spec.test_batches, "decode_batch": spec.decode_batch_size,
                   "no_repeat_ngram_size": spec.no_repeat_ngram_size,
@@ -319,7 +319,7 @@ class Stages:
         if done is not None:
             return done
         directory = os.path.join(self.out, "finetune", task, arm, f"seed{seed}")
-        total = int(arm_info["step"]) + spec.finetune_steps
+        total = int(arm_info["step"]) + spec.steps_of(task)
         print(f"== fine-tune {arm} on {task}, seed {seed}: steps {arm_info['step']} -> {total}",
               flush=True)
         seconds = _train([spec.finetune_gin], [
