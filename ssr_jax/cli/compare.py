@@ -22,14 +22,11 @@ does SSR help? One command, every stage through the normal trainer, resumable st
      corruption with its p-value, trivial baselines (copy the input, its first sentence);
      MODEL_DIR/report.md, results.json and PNG plots.
 """
-import dataclasses
 import os
-import sys
 from typing import List
 
 from ssr_jax.cli import gin_registry
 from ssr_jax.cli.compare_spec import CompareSpec
-from ssr_jax.errors import UserError
 
 
 def spec_from_gin(argv: List[str]) -> CompareSpec:
@@ -61,11 +58,3 @@ def main(argv: List[str]) -> int:
     for line in results.get("summary", []):
         print(f"  {line}", flush=True)
     return 0
-
-
-def with_out_dir(spec: CompareSpec, out_dir: str) -> CompareSpec:
-    return dataclasses.replace(spec, out_dir=out_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -278,17 +278,20 @@ def model_config_path(checkpoint_path: str) -> Optional[str]:
     return None
 
 
+def _read_json(path: str, what_to_do: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {what_to_do}") from e
+
+
 def load_model_config(checkpoint_path: str) -> Optional[dict]:
     """The model_config.json of a checkpoint (its step dir, else its root), or None."""
     path = model_config_path(checkpoint_path)
     if path is None:
         return None
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore it or give the model's gin "
-                        "file.") from e
+    return _read_json(path, "restore it or give the model's gin file.")
 
 
 def load_params(checkpoint_path: str, shardings: Any = None, abstract_params: Any = None) -> Any:
@@ -472,9 +475,5 @@ def read_initial_record(directory: str) -> Optional[dict]:
     path = os.path.join(directory, INITIAL_RECORD_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); it records the initial checkpoint "
-                        "this run started from: restore it, or use a fresh MODEL_DIR.") from e
+    return _read_json(path, "it records the initial checkpoint this run started from: "
+                            "restore it, or use a fresh MODEL_DIR.")
