@@ -34,10 +34,9 @@ def test_compare_spec_refuses_bad_settings(changes, match):
         CompareSpec(**{**base, **changes})
 
 
-def _recompute(task_name, test_file):
+def _recompute(test_file):
     """The task's metrics from a written JSONL file, independently of compare's scoring."""
     from ssr_jax.data import metrics  # pylint: disable=import-outside-toplevel
-    del task_name
     rows = [json.loads(line) for line in open(test_file)]
     prefix = "fix: "
     sources = [r["inputs"][len(prefix):] if r["inputs"].startswith(prefix) else r["inputs"]
@@ -86,12 +85,12 @@ def test_shrunken_default_run_report_matches_its_predictions(tmp_path, capsys):
             assert run["best_step"] in (10, 12)
             assert compare_stages.saved_steps(
                 os.path.dirname(os.path.dirname(run["test_file"]))) == [10, 12]
-            rows, recomputed = _recompute(GEC, run["test_file"])
+            rows, recomputed = _recompute(run["test_file"])
             assert len(rows) == scores["num_examples"] == 16  # one batch of 16 examples
             for key in ("gleu", "exact_match"):
                 np.testing.assert_allclose(scores["arms"][arm][key]["seeds"][seed],
                                            recomputed[key], atol=1e-9)
-        mean = np.mean([_recompute(GEC, r["test_file"])[1]["gleu"] for r in runs])
+        mean = np.mean([_recompute(r["test_file"])[1]["gleu"] for r in runs])
         np.testing.assert_allclose(scores["arms"][arm]["gleu"]["mean"], mean, atol=1e-9)
     np.testing.assert_allclose(scores["floors"]["gleu_copy_source"], recomputed["copy"],
                                atol=1e-9)
@@ -125,3 +124,11 @@ def test_a_stage_done_with_other_settings_is_refused(tmp_path):
     assert stages._done("init", {"steps": 3}) == {"dir": "x"}  # pylint: disable=protected-access
     with pytest.raises(UserError, match="was done with other settings"):
         stages._done("init", {"steps": 4})  # pylint: disable=protected-access
+
+
+def test_a_task_without_a_test_split_falls_back_to_validation_with_a_warning(capsys):
+    assert compare_stages.test_split(GEC, "tasks") == "test"
+    assert "WARNING" not in capsys.readouterr().out
+    # The pre-training task has train and validation splits only.
+    assert compare_stages.test_split("ssr_default_span_corruption", "tasks") == "validation"
+    assert "has no test split" in capsys.readouterr().out
