@@ -388,6 +388,15 @@ def gather_json(value) -> list:
             for i in range(jax.process_count())]
 
 
+def jax_handles_sigterm() -> bool:
+    """Whether JAX's preemption service catches SIGTERM (multi-process, service enabled): it
+    installs a C-level handler at initialize() and makes the hosts agree on a step to stop
+    at. A Python handler installed later would replace it, so no host would ever learn of
+    the signal (found under a real SLURM: the run trained on after `scancel --signal=TERM`)."""
+    import jax
+    return _process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+
+
 def reached_preemption_sync_point(step: int) -> Optional[bool]:
     """Whether the hosts agreed to stop at this step after a preemption notice (JAX's
     preemption service); None when that service is not available (single process)."""

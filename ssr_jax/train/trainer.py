@@ -384,7 +384,9 @@ def _preemption_flag():
     distributed service is up; hosts then agree on the step)."""
     received = threading.Event()
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    # Multi-process, JAX's own handler must keep SIGTERM (see distributed.jax_handles_sigterm).
+    if (threading.current_thread() is threading.main_thread()
+            and not distributed.jax_handles_sigterm()):
         previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
 
     def preempted(step: int) -> bool:
