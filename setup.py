@@ -27,6 +27,9 @@ EXTRAS = {
     # CPU build of torch lies on disk here; pinning keeps pip from pulling a CUDA build.
     "hf": ["torch==2.13.0", "transformers>=5.24,<6", "safetensors>=0.8,<0.9"],
     "test": ["pytest>=9.2,<10"],
+    # Accelerators: jax's own extras, in the same tested range as INSTALL_REQUIRES's jax.
+    "cuda": ["jax[cuda13]>=0.10.2,<0.11"],  # NVIDIA GPUs, CUDA 13 wheels (cuDNN included)
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],  # Cloud TPU VMs (libtpu)
 }
 EXTRAS["test"] = EXTRAS["test"] + EXTRAS["hf"]
 

@@ -19,7 +19,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ("train_step", "teacher_sampling", "input_pipeline", "online_ssr", "plan",
-              "gpu_mfu")
+              "gpu_check", "gpu_mfu", "gpu_sampling", "gpu_ssr_step")  # gpu_*: bench/gpu.sh
 TIME_LIMIT_S = 20 * 60
 
 

@@ -3,7 +3,7 @@
 #
 # Usage:
 #   TPU_NAME=my-pod ZONE=us-central2-b ACCELERATOR=v4-64 launch/tpu_pod.sh create   # once
-#   TPU_NAME=my-pod ZONE=us-central2-b launch/tpu_pod.sh setup    # copy repo, install
+#   TPU_NAME=my-pod ZONE=us-central2-b launch/tpu_pod.sh setup    # copy repo, pip install -e '.[tpu]'
 #   TPU_NAME=my-pod ZONE=us-central2-b launch/tpu_pod.sh train \
 #       --gin_file=gin/models/t5_1_1/base.gin --gin_file=gin/runs/pretrain.gin \
 #       --gin.MODEL_DIR="'gs://my-bucket/ssr_base'"
@@ -66,7 +66,7 @@ case "$cmd" in
     gcloud compute tpus tpu-vm scp /tmp/ssr-jax.tgz "$TPU_NAME":/tmp/ --zone="$ZONE" \
       "${project_flag[@]}" --worker=all
     ssh_all "mkdir -p $REPO_DIR && tar xzf /tmp/ssr-jax.tgz -C $REPO_DIR && cd $REPO_DIR && \
-      python3 -m venv .venv && .venv/bin/pip install -q 'jax[tpu]' && .venv/bin/pip install -q -e ." ;;
+      python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]' -c constraints.txt" ;;
   stop)
     stop_all ;;
   delete)

@@ -23,6 +23,8 @@ def _devices(monkeypatch, platform, kind, n=8):
         ("tpu", "TPU v5 lite", "bfloat16", 197e12),
         ("tpu", "TPU v5p", "bfloat16", 459e12),
         ("tpu", "TPU v6 lite", "bfloat16", 918e12),
+        ("gpu", "NVIDIA H100 80GB HBM3", "auto", 989e12),  # T5Config.dtype 'auto': bf16
+        ("tpu", "TPU v4", "auto", 275e12),
 ])
 def test_peak_of_the_dtype_in_use(monkeypatch, platform, kind, dtype, per_device):
     _devices(monkeypatch, platform, kind)

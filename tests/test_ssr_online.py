@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssr_jax.data.ssr_preprocessors import teacher_outputs_from_targets
+from ssr_jax.data.ssr_rewrite import teacher_outputs_from_targets
 from ssr_jax.errors import UserError
 from ssr_jax.models.base import DecodeConfig
 from ssr_jax.partitioning import Partitioner
@@ -195,7 +195,7 @@ def test_drop_example_policy_keeps_batches_full(vocabulary):
     """malformed='drop_example': an example with a malformed fill is packed as the
     span-corruption example of its segment (same slot), every other one as SSR; batches
     stay full and the dropped examples are counted."""
-    from ssr_jax.data.ssr_preprocessors import span_corruption_target
+    from ssr_jax.data.ssr_rewrite import span_corruption_target
     partitioner = Partitioner({"data": 1}, devices=jax.devices()[:1])
     cfg = dataset()
     config = stage_config(span_corruption_examples=0, malformed="drop_example")

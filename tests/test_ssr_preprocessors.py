@@ -10,6 +10,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from ssr_jax.data import ssr_preprocessors as sp  # noqa: E402
+from ssr_jax.data import ssr_rewrite as sr  # noqa: E402
 
 VS = 4100  # vocabulary size with 100 extra ids
 EOS = 1
@@ -223,7 +224,7 @@ def test_rewrite_design_example(vocab):
     teacher_in = p["The"] + [x(0)] + p[" fox jumps over the"] + [x(1)] + p[" dog"] + [EOS]
     teacher_out = [x(0)] + p[" big red"] + [x(1)] + p[" sleepy"] + [x(2)]
     target = p[" quick brown"] + [x(1)] + p[" lazy"] + [x(2)] + [EOS]
-    rows, stats = sp.rewrite_batch(np.array([teacher_in]), np.array([teacher_out]), vs,
+    rows, stats = sr.rewrite_batch(np.array([teacher_in]), np.array([teacher_out]), vs,
                                    targets=np.array([target]))
     assert vocab.decode(rows[0].tolist()) == ("The <extra_id_0> big red <extra_id_1> fox jumps "
                                               "over the <extra_id_1> sleepy <extra_id_2> dog")
@@ -241,7 +242,7 @@ TIN = [5, X(0), 6, X(1), 7, X(2), 8, EOS]
 
 
 def rewrite_one(teacher_out, **kw):
-    rows, stats = sp.rewrite_batch(np.array([TIN]), np.array([teacher_out + [0, 0]]), VS, **kw)
+    rows, stats = sr.rewrite_batch(np.array([TIN]), np.array([teacher_out + [0, 0]]), VS, **kw)
     return rows[0].tolist(), stats
 
 
@@ -283,7 +284,7 @@ def test_rewrite_max_length_drops_last_fills():
 def test_rewrite_pads_and_counts_copies():
     target = [30, X(1), 31, 32, X(2), 33, X(3), EOS]
     out = [X(0), 30, X(1), 31, 99, X(2), 33, X(3)]
-    padded, stats = sp.rewrite_batch(np.array([TIN, TIN]), np.array([out, out]), VS,
+    padded, stats = sr.rewrite_batch(np.array([TIN, TIN]), np.array([out, out]), VS,
                                      targets=np.array([target, target]), pad_to=24)
     assert padded.shape == (2, 24) and padded.dtype == np.int32
     assert padded[0].tolist()[:len(student([30], [31, 99], [33]))] == student([30], [31, 99],
@@ -307,7 +308,7 @@ def test_rewrite_stats_count_each_kind_of_span_apart():
     tout = np.array([o + [0] * (width - len(o)) for o in outs])
     # With empty fills a row is 7 + 3 + 1 = 11 tokens; row 4's fills add 9, and 14 leaves
     # room for its first fill only (rows 1-3 fit).
-    rows, stats = sp.rewrite_batch(np.array([TIN] * 4), tout, VS, max_length=14,
+    rows, stats = sr.rewrite_batch(np.array([TIN] * 4), tout, VS, max_length=14,
                                    targets=np.array([target] * 4))
     assert rows[3].tolist() == student([20, 20, 20], [], [])
     assert (stats.spans, stats.nonempty_fills, stats.empty_fills, stats.fallbacks,
@@ -326,10 +327,10 @@ def test_rewrite_stats_count_each_kind_of_span_apart():
                  "vs 1.00 original"):
         assert part in line, (part, line)
     # Progress files (to_json/from_json) keep every kind; merge adds them.
-    again = sp.RewriteStats.from_json(stats.to_json())
+    again = sr.RewriteStats.from_json(stats.to_json())
     assert again == stats and again.merge(stats).empty_fills == 6
     with pytest.raises(sp.UserError, match="older ssr-jax"):
-        sp.RewriteStats.from_json({"spans": 3, "valid_fills": 3}, "progress-00000-of-00001.json")
+        sr.RewriteStats.from_json({"spans": 3, "valid_fills": 3}, "progress-00000-of-00001.json")
 
 
 def strip_sentinels(row, vs):
@@ -350,15 +351,15 @@ def test_perfect_teacher_is_lossless(vocab):
         rows_in.append(out["inputs"].numpy().tolist() + [EOS])
         rows_tgt.append(out["targets"].numpy().tolist() + [EOS])
         # The target's spans are exactly the masked text.
-        pieces = sp.split_targets(rows_tgt[-1][:-1], vs, 100)
+        pieces = sr.split_targets(rows_tgt[-1][:-1], vs, 100)
         assert len(pieces) == int(out["num_spans"])
         originals.append(pieces)
     width = max(map(len, rows_in))
     tin = np.array([r + [0] * (width - len(r)) for r in rows_in])
     twidth = max(map(len, rows_tgt))
     tgt = np.array([r + [0] * (twidth - len(r)) for r in rows_tgt])
-    teacher_out = sp.teacher_outputs_from_targets(tgt, vs)
-    rows, stats = sp.rewrite_batch(tin, teacher_out, vs, targets=tgt)
+    teacher_out = sr.teacher_outputs_from_targets(tgt, vs)
+    rows, stats = sr.rewrite_batch(tin, teacher_out, vs, targets=tgt)
     assert stats.fallbacks == 0 and stats.exact_copies == stats.spans
     for row in rows:
         restored = strip_sentinels(row.tolist(), vs)
@@ -392,7 +393,7 @@ def test_teacher_budget_keeps_student_within_inputs_length(masked_batch):
         tin.append(teacher)
         tout.append(gen)
     pad = lambda rows: np.array([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])  # noqa
-    rows, stats = sp.rewrite_batch(pad(tin), pad(tout), VS, max_length=lengths.inputs_length)
+    rows, stats = sr.rewrite_batch(pad(tin), pad(tout), VS, max_length=lengths.inputs_length)
     assert stats.truncated == 0 and stats.fallbacks == 0
     for row, t, g in zip(rows, tin, tout):
         assert len(row) == len(t) + len(g) - 1 <= lengths.inputs_length
@@ -410,7 +411,7 @@ def test_rewrite_batch_of_many_rows():
         tout[:, 4 * k + 1:4 * k + 4] = rng.integers(3, 4000, size=(b, 3))
     tout[:, 32] = X(8)
     tin[:, -1] = EOS
-    rows, stats = sp.rewrite_batch(tin, tout, VS, pad_to=160)
+    rows, stats = sr.rewrite_batch(tin, tout, VS, pad_to=160)
     assert stats.nonempty_fills == 8 * b and stats.fallbacks == 0
     assert rows.shape == (b, 160) and rows.dtype == np.int32
     # 127 context-and-sentinel tokens + 8 closing sentinels + 24 fill tokens + EOS.
@@ -428,7 +429,7 @@ def test_rewrite_preprocessor_in_tf(vocab):
     ds = tf.data.Dataset.from_tensors({
         "inputs": tf.constant([5, x(0), 6, EOS]), "teacher_outputs": tf.constant([x(0), 9, x(1)]),
         "targets": tf.constant([7, x(1), EOS])})
-    ex = next(iter(sp.rewrite_preprocessor(ds, feats, {"inputs": 16, "targets": 8})))
+    ex = next(iter(sr.rewrite_preprocessor(ds, feats, {"inputs": 16, "targets": 8})))
     assert ex["inputs"].numpy().tolist() == [5, x(0), 9, x(1), 6, EOS]
 
 
@@ -446,12 +447,12 @@ def test_rewrite_examples_policies():
     tin = np.array([TIN, TIN, TIN, [0] * len(TIN)])
     tout = np.array([o + [0] * (8 - len(o)) for o in outs])
     tgt = np.array([target] * 3 + [[0] * len(target)])
-    rows, _ = sp.rewrite_batch(tin, tout, VS, targets=tgt)
-    kept, stats = sp.rewrite_examples(tin, tout, tgt, VS)
+    rows, _ = sr.rewrite_batch(tin, tout, VS, targets=tgt)
+    kept, stats = sr.rewrite_examples(tin, tout, tgt, VS)
     assert [e["inputs"].tolist() for e in kept] == [r.tolist() for r in rows]
     assert [e["targets"].tolist() for e in kept] == [target] * 3 + [[]]
     assert (stats.examples, stats.incomplete_examples, stats.dropped_examples) == (3, 2, 0)
-    dropped, dstats = sp.rewrite_examples(tin, tout, tgt, VS, malformed="drop_example")
+    dropped, dstats = sr.rewrite_examples(tin, tout, tgt, VS, malformed="drop_example")
     assert dropped[0]["inputs"].tolist() == student([30], [31], [33])
     sc_target = [X(0), 30, X(1), 31, X(2), 33, EOS]  # T5's layout: <x_k> before span k
     for e in dropped[1:3]:
@@ -468,10 +469,10 @@ def test_rewrite_examples_policies():
     assert "3 examples, 33.3% with every span filled, 2 dropped" in line, line
     assert "dropped (malformed" not in stats_lib.describe(stats.summary())
     with pytest.raises(sp.UserError, match="malformed='skip'"):
-        sp.rewrite_examples(tin, tout, tgt, VS, malformed="skip")
+        sr.rewrite_examples(tin, tout, tgt, VS, malformed="skip")
     # Progress files written before examples were counted still load.
     old = {k: v for k, v in stats.to_json().items() if "examples" not in k}
-    assert sp.RewriteStats.from_json(old).examples == 0
+    assert sr.RewriteStats.from_json(old).examples == 0
 
 
 # --- the span-length curriculum (ssr_jax/ssr/curriculum.py) ------------------------------------

@@ -435,7 +435,7 @@ def t5config_from_gin(path: str, bindings: Sequence[str] = ()):
 
 # --- the model that comes with a checkpoint ----------------------------------------------------
 # Fields that do not change what a checkpoint's params mean (the run may choose them).
-_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat_policy")
+_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def model_from_checkpoint(checkpoint_path: str, dropout_rate: Optional[float] = None):

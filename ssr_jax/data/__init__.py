@@ -3,7 +3,10 @@
   dataset            DatasetConfig, task-module import, per-host pipelines, eval/infer batches
   prefetch           host read-ahead shared by the input stages
   span_corruption    T5's span corruption (noise mask, sentinels, raw-length arithmetic)
-  ssr_preprocessors  SSR mask (SeqIO preprocessor) and rewrite (numpy, online + offline)
+  ssr_preprocessors  SSR mask (SeqIO preprocessor) and its length budget
+  ssr_rewrite        SSR rewrite (numpy, online + offline), RewriteStats
+  batched_masking    both masks for a batch of segments per call (numpy, same examples)
+  philox             numpy twins of TF's stateless random ops (the masks' random numbers)
   packing            the one packer: examples -> the trainer's encoder-decoder batch
   pipeline           InputPipeline: a SeqIO task/mixture -> per-host packed numpy batches
   corpus             the embedded default corpus (TFDS builder over Python's own docs) and

@@ -16,7 +16,9 @@ vocab_size - 1 - i. EOS is appended to both after trimming.
 The SeqIO preprocessor `span_corruption` follows T5's pipeline: a random chunk of at most
 65,536 tokens per document, documents concatenated in groups of 128, split into segments of
 the raw length, then noised. Its randomness comes from seqio's map seeds (`get_dataset(seed=)`),
-so the same seed gives the same examples.
+so the same seed gives the same examples. By default it masks `mask_batch_size` segments per
+call (`batched_masking`: numpy, the same examples as the per-example TF functions here,
+which `mask_batch_size=0` runs one tf.data map per example, as the reference).
 """
 import functools
 from typing import Mapping, Optional, Sequence, Tuple
@@ -25,6 +27,7 @@ import seqio
 import tensorflow as tf
 
 from ssr_jax import vocab as vocab_lib
+from ssr_jax.data import batched_masking as bm
 from ssr_jax.errors import UserError
 
 NOISE_DENSITY = 0.15
@@ -188,18 +191,28 @@ def check_sentinel_budget(vocabulary: seqio.Vocabulary, num_sentinels: int, what
             "extra ids; use shorter TASK_FEATURE_LENGTHS or a vocabulary with more extra ids.")
 
 
+def check_mask_batch_size(mask_batch_size) -> int:
+    if isinstance(mask_batch_size, bool) or not isinstance(mask_batch_size, int) or (
+            mask_batch_size < 0):
+        raise UserError(f"mask_batch_size={mask_batch_size!r}: give the segments masked per "
+                        "call (e.g. 128), or 0 for the per-example path.")
+    return mask_batch_size
+
+
 def span_corruption(dataset: tf.data.Dataset,
                     sequence_length: Mapping[str, int],
                     output_features: Mapping[str, seqio.Feature],
                     noise_density: float = NOISE_DENSITY,
                     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
                     max_chunk_tokens: int = MAX_CHUNK_TOKENS,
-                    concat_documents: int = CONCAT_DOCUMENTS) -> tf.data.Dataset:
+                    concat_documents: int = CONCAT_DOCUMENTS,
+                    mask_batch_size: int = bm.DEFAULT_MASK_BATCH) -> tf.data.Dataset:
     """SeqIO preprocessor: tokenized {'targets'} documents -> T5 span-corruption examples.
 
     Outputs {'inputs', 'targets'} without EOS (add `seqio.preprocessors.append_eos_after_trim`
     next, as T5 does); with sequence_length['inputs'] = L the inputs are exactly L with EOS
-    for every full segment.
+    for every full segment. mask_batch_size: segments masked per call (0: one tf.data map
+    per example; the same examples either way).
     """
     vocabulary = output_features["targets"].vocabulary
     raw_length, _ = span_corruption_lengths(sequence_length["inputs"], noise_density,
@@ -207,6 +220,10 @@ def span_corruption(dataset: tf.data.Dataset,
     check_sentinel_budget(vocabulary, noise_counts(raw_length, noise_density,
                                                    mean_noise_span_length)[1] + 1,
                           f"span corruption with inputs length {sequence_length['inputs']}")
+    if check_mask_batch_size(mask_batch_size):
+        return bm.span_corruption_examples(dataset, vocabulary.vocab_size, raw_length,
+                                           noise_density, mean_noise_span_length,
+                                           max_chunk_tokens, concat_documents, mask_batch_size)
     dataset = select_random_chunk(dataset, "targets", max_chunk_tokens)
     dataset = concat_and_split(dataset, raw_length, "targets", concat_documents)
     return _denoise(dataset, vocab_size=vocabulary.vocab_size, noise_density=noise_density,

@@ -5,6 +5,13 @@ Every parameter carries logical axis names in its `out_sharding` metadata (read 
 `EncoderDecoderModel.param_logical_axes`); main activations are annotated with
 `constrain`, a no-op unless a logical axis rules context is active. Parameters are kept in
 param_dtype (fp32) and cast to the activation dtype where used; softmax runs in fp32.
+
+Attention has two implementations with the same params and results (T5Config.attention_impl):
+'einsum' takes one additive fp32 bias with the masks folded in (built once per stack) and
+keeps decode caches head-major; 'dot_product_attention' calls jax.nn.dot_product_attention
+with the relative-position bias (bias=), the padding/packing mask (mask=) and is_causal
+apart, scale 1.0, and keeps caches [batch, length, heads, d_kv] (its layout), so on a GPU
+cuDNN's fused kernels run where they apply (`fused_implementation`).
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -164,15 +171,62 @@ class RelativePositionBias(nnx.Module):
         return jnp.transpose(values, (0, 3, 1, 2))
 
 
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+    """Boolean mask -> additive fp32 bias (0 where attended, MASK_VALUE elsewhere)."""
+    return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def causal_mask(q_len: int, k_len: int) -> jax.Array:
+    """[1, 1, q, k]: key position <= query position."""
+    return (jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None]
+
+
+def fused_implementation(q: jax.Array, k: jax.Array) -> str:
+    """jax.nn.dot_product_attention's implementation for q [b,t,h,d] / k [b,s,h,d]: 'cudnn'
+    on a GPU where its fused kernels take the shapes (bf16/fp16, d_kv a multiple of 8 up to
+    128, even lengths: its bias gradient needs them), 'xla' otherwise. One query row
+    (cached decoding) stays on XLA: that step reads the cache once and is bound by memory
+    bandwidth, which a flash kernel's tiling does not change."""
+    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 128 and t > 1 and t % 2 == 0 and s % 2 == 0):
+        return "cudnn"
+    return "xla"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
+                    mask: Optional[jax.Array], causal: bool) -> jax.Array:
+    """jax.nn.dot_product_attention with T5's conventions: q/k/v [b,t|s,h,d], bias fp32
+    [b|1, h, t, s] (relative positions), mask bool [b|1, 1, t|1, s], scale 1.0 (T5 folds
+    1/sqrt(d_kv) into the query init)."""
+    impl = fused_implementation(q, k)
+    if impl == "cudnn":
+        # cuDNN takes the bias in the inputs' dtype, with full query/key lengths (batch and
+        # heads may broadcast); jax folds the mask into it.
+        t, s = q.shape[1], k.shape[1]
+        full = lambda x: jnp.broadcast_to(x, x.shape[:2] + (t, s))  # noqa: E731
+        bias = None if bias is None else full(bias.astype(q.dtype))
+        mask = None if mask is None else full(mask)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0,
+                                        is_causal=causal, implementation=impl)
+
+
 class MultiHeadAttention(nnx.Module):
     """T5 attention: no biases and no 1/sqrt(d_kv) scaling (folded into the query init)."""
 
     def __init__(self, d_model: int, num_heads: int, d_kv: int, dropout_rate: float, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+                 param_dtype, rngs: nnx.Rngs, attention_impl: str = "einsum"):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r}: use one of "
+                             f"{ATTENTION_IMPLS} (T5Config.resolved() makes 'auto' concrete).")
         self.num_heads = num_heads
         self.d_kv = d_kv
         self.dropout_rate = dropout_rate
         self.dtype = dtype
+        self.attention_impl = attention_impl
         inner = num_heads * d_kv
         qkv = ("embed", "joined_kv")
         self.query = Dense(d_model, inner, qkv, _fan_in(1.0 / d_kv), dtype, param_dtype, rngs)
@@ -193,30 +247,54 @@ class MultiHeadAttention(nnx.Module):
         """Keys and values [batch, length, heads, d_kv]."""
         return self._heads(self.key(inputs_kv)), self._heads(self.value(inputs_kv))
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-               dropout_key: Optional[jax.Array]) -> jax.Array:
-        """Attention of q [b,q,h,d] over k/v [b,k,h,d] with an fp32 additive bias."""
+    @property
+    def fused(self) -> bool:
+        return self.attention_impl == "dot_product_attention"
+
+    @property
+    def cache_length_axis(self) -> int:
+        """The length axis of this layer's decode caches: 2 head-major (einsum), else 1."""
+        return 1 if self.fused else 2
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array],
+               dropout_key: Optional[jax.Array], mask: Optional[jax.Array] = None,
+               causal: bool = False) -> jax.Array:
+        """Attention of q [b,q,h,d] over k/v [b,k,h,d]: fp32 additive bias, boolean mask
+        (True = attended), causal (key position <= query position). The einsum path is
+        given the masks folded into `bias` by its stack (one bias for all layers)."""
+        if self.fused:
+            if dropout_key is not None and self.dropout_rate > 0:
+                raise ValueError("attention_impl='dot_product_attention' has no attention "
+                                 "dropout; use 'einsum' with dropout_rate > 0.")
+            return self._merge_heads(fused_attention(q, k, v, bias, mask, causal))
         # fp32 scores (bf16 inputs accumulate in fp32), softmax in fp32.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits + bias
+        logits = _masked(logits, bias, mask, causal)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = dropout(weights, self.dropout_rate, dropout_key)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self._merge_heads(out)
 
     def project_kv_cache(self, inputs_kv: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        """Keys and values head-major, [batch, heads, length, d_kv]: the decode caches' layout."""
+        """Keys and values in the decode caches' layout: head-major [batch, heads, length,
+        d_kv] for einsum, [batch, length, heads, d_kv] for dot_product_attention."""
         k, v = self.project_kv(inputs_kv)
+        if self.fused:
+            return k, v
         return _head_major(k), _head_major(v)
 
     def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array,
-                      bias: jax.Array) -> jax.Array:
-        """`attend` of q [b,q,h,d] over head-major caches k/v [b,h,k,d] (incremental decoding,
-        no dropout). Head-major, each (row, head) is a plain matrix-vector product over a
-        contiguous cache; with [b,k,h,d] caches XLA:CPU first transposed them with a slow
-        element-wise copy (the cross-attention caches: a quarter of T5 small's sampling)."""
+                      bias: Optional[jax.Array], mask: Optional[jax.Array] = None
+                      ) -> jax.Array:
+        """`attend` of q [b,q,h,d] over caches k/v (`project_kv_cache`'s layout; incremental
+        decoding, no dropout). Head-major, each (row, head) is a plain matrix-vector product
+        over a contiguous cache; with [b,k,h,d] caches XLA:CPU first transposed them with a
+        slow element-wise copy (the cross-attention caches: a quarter of T5 small's
+        sampling)."""
+        if self.fused:
+            return self._merge_heads(fused_attention(q, k, v, bias, mask, False))
         logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+        weights = jax.nn.softmax(_masked(logits, bias, mask, False), axis=-1).astype(self.dtype)
         return self._merge_heads(jnp.einsum("bhqk,bhkd->bqhd", weights, v))
 
     def _merge_heads(self, out: jax.Array) -> jax.Array:
@@ -224,26 +302,42 @@ class MultiHeadAttention(nnx.Module):
         out = constrain(out, ("batch", "length", "joined_kv"))
         return self.out(out)
 
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
-                 dropout_key: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: Optional[jax.Array],
+                 dropout_key: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+                 causal: bool = False) -> jax.Array:
         q = self.project_q(inputs_q)
         k, v = self.project_kv(inputs_kv)
-        return self.attend(q, k, v, bias, dropout_key)
+        return self.attend(q, k, v, bias, dropout_key, mask, causal)
 
     def decode_step(self, x: jax.Array, cache: Tuple[jax.Array, jax.Array], step: jax.Array,
-                    bias: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+                    bias: Optional[jax.Array], mask: Optional[jax.Array] = None
+                    ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
         """Self-attention of one new position x [b,1,d] written into the cache at `step`.
 
-        cache: preallocated head-major keys/values [batch, heads, max_len, d_kv]; bias
-        [.., 1, max_len] masks the positions after `step`.
+        cache: preallocated keys/values (`project_kv_cache`'s layout, max_len long); bias
+        [.., 1, max_len] (and/or mask) must mask the positions after `step`.
         """
         q = self.project_q(x)
         k_new, v_new = self.project_kv_cache(x)
         k_cache, v_cache = cache
-        start = (0, 0, step, 0)
+        start = [0, 0, 0, 0]
+        start[self.cache_length_axis] = step
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start)
-        return self.attend_cached(q, k_cache, v_cache, bias), (k_cache, v_cache)
+        return self.attend_cached(q, k_cache, v_cache, bias, mask), (k_cache, v_cache)
+
+
+def _masked(logits: jax.Array, bias: Optional[jax.Array], mask: Optional[jax.Array],
+            causal: bool) -> jax.Array:
+    """fp32 logits [b,h,q,k] + bias, with masked positions pushed to MASK_VALUE."""
+    if bias is not None:
+        logits = logits + bias
+    if causal:
+        allowed = causal_mask(*logits.shape[-2:])
+        mask = allowed if mask is None else (mask & allowed)
+    if mask is not None:
+        logits = logits + mask_to_bias(mask)
+    return logits
 
 
 def _head_major(x: jax.Array) -> jax.Array:

@@ -2,9 +2,12 @@
 
 Parameter tree (T5X names): token_embedder/embedding; encoder/{relpos_bias, layers_i,
 encoder_norm}; decoder/{relpos_bias, layers_i, decoder_norm, logits_dense (untied only)}.
-The relative position bias and the attention masks are combined once per stack into one
-fp32 bias shared by all layers of that stack. Packed inputs use segment ids for
-block-diagonal masks and positions (restarting per segment) for the relative bias.
+Each stack builds its attention inputs once, shared by all of its layers (`Attn`): for
+the einsum attention the relative position bias and the masks folded into one fp32 bias,
+for dot_product_attention the bias, the boolean mask and the causal flag apart (layers.py).
+Packed inputs use segment ids for block-diagonal masks and positions (restarting per
+segment) for the relative bias. The config's 'auto' fields are resolved here, on the
+backend the module is built on (config.py).
 
 Decoding uses an explicit cache pytree (no NNX cache variables): `init_decode_state` runs
 the cross-attention key/value projections of the encoder output once, `decode_step`
@@ -14,12 +17,12 @@ from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from ssr_jax.models.config import T5Config
-from ssr_jax.models.layers import (MASK_VALUE, Dense, Embed, MlpBlock, MultiHeadAttention,
-                                   RelativePositionBias, RMSNorm, constrain, dropout,
-                                   split_key)
+from ssr_jax.models.layers import (Dense, Embed, MlpBlock, MultiHeadAttention,
+                                   RelativePositionBias, RMSNorm, causal_mask, constrain,
+                                   dropout, mask_to_bias, split_key)
 
 DecodeState = Dict[str, Any]
 
@@ -46,11 +49,31 @@ def _positions(tokens: jax.Array, positions: Optional[jax.Array]) -> jax.Array:
     return jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
 
-def _mask_to_bias(mask: jax.Array) -> jax.Array:
-    return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+@struct.dataclass
+class Attn:
+    """One attention's inputs, shared by the layers of a stack (MultiHeadAttention.attend);
+    `causal` is static (it picks the kernel), also through nnx.remat."""
+    bias: Optional[jax.Array]
+    mask: Optional[jax.Array] = None
+    causal: bool = struct.field(pytree_node=False, default=False)
 
 
-def _cross_bias(encoder_tokens: jax.Array, pad_id: int,
+def _attn(fused: bool, relpos: Optional[jax.Array], mask: Optional[jax.Array],
+          causal: bool = False) -> Attn:
+    """The einsum path gets one fp32 bias with the masks folded in (causal included); the
+    fused path gets them apart (cuDNN skips the causal half instead of masking it)."""
+    if fused:
+        return Attn(relpos, mask, causal)
+    if causal:
+        allowed = causal_mask(*relpos.shape[-2:])
+        mask = allowed if mask is None else mask & allowed
+    bias = relpos
+    if mask is not None:
+        bias = mask_to_bias(mask) if bias is None else bias + mask_to_bias(mask)
+    return Attn(bias)
+
+
+def _cross_mask(encoder_tokens: jax.Array, pad_id: int,
                 decoder_segment_ids: Optional[jax.Array],
                 encoder_segment_ids: Optional[jax.Array]) -> jax.Array:
     """[b, 1, q or 1, k]: encoder padding, plus same-segment when packed."""
@@ -58,7 +81,7 @@ def _cross_bias(encoder_tokens: jax.Array, pad_id: int,
     if decoder_segment_ids is not None and encoder_segment_ids is not None:
         mask = mask & (decoder_segment_ids[:, None, :, None]
                        == encoder_segment_ids[:, None, None, :])
-    return _mask_to_bias(mask)
+    return mask
 
 
 class EncoderLayer(nnx.Module):
@@ -68,15 +91,16 @@ class EncoderLayer(nnx.Module):
         self.dropout_rate = c.dropout_rate
         self.pre_attention_layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon, dt, pdt, rngs)
         self.attention = MultiHeadAttention(c.d_model, c.num_heads, c.d_kv, c.dropout_rate, dt,
-                                            pdt, rngs)
+                                            pdt, rngs, c.attention_impl)
         self.pre_mlp_layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon, dt, pdt, rngs)
         self.mlp = MlpBlock(c.d_model, c.d_ff, c.feed_forward_proj, c.dropout_rate, dt, pdt,
                             rngs)
 
-    def __call__(self, x, bias, dropout_key=None):
+    def __call__(self, x, attn: Attn, dropout_key=None):
         k = split_key(dropout_key, 4)
         h = self.pre_attention_layer_norm(x)
-        x = x + dropout(self.attention(h, h, bias, k[0]), self.dropout_rate, k[1])
+        y = self.attention(h, h, attn.bias, k[0], attn.mask, attn.causal)
+        x = x + dropout(y, self.dropout_rate, k[1])
         h = self.pre_mlp_layer_norm(x)
         x = x + dropout(self.mlp(h, k[2]), self.dropout_rate, k[3])
         return constrain(x, _ACT)
@@ -90,28 +114,31 @@ class DecoderLayer(nnx.Module):
         self.dropout_rate = c.dropout_rate
         self.pre_self_attention_layer_norm = RMSNorm(c.d_model, eps, dt, pdt, rngs)
         self.self_attention = MultiHeadAttention(c.d_model, c.num_heads, c.d_kv, c.dropout_rate,
-                                                 dt, pdt, rngs)
+                                                 dt, pdt, rngs, c.attention_impl)
         self.pre_cross_attention_layer_norm = RMSNorm(c.d_model, eps, dt, pdt, rngs)
         self.encoder_decoder_attention = MultiHeadAttention(c.d_model, c.num_heads, c.d_kv,
-                                                            c.dropout_rate, dt, pdt, rngs)
+                                                            c.dropout_rate, dt, pdt, rngs,
+                                                            c.attention_impl)
         self.pre_mlp_layer_norm = RMSNorm(c.d_model, eps, dt, pdt, rngs)
         self.mlp = MlpBlock(c.d_model, c.d_ff, c.feed_forward_proj, c.dropout_rate, dt, pdt,
                             rngs)
 
-    def __call__(self, x, encoded, self_bias, cross_bias, dropout_key=None):
+    def __call__(self, x, encoded, self_attn: Attn, cross_attn: Attn, dropout_key=None):
         k = split_key(dropout_key, 6)
         h = self.pre_self_attention_layer_norm(x)
-        x = x + dropout(self.self_attention(h, h, self_bias, k[0]), self.dropout_rate, k[1])
+        y = self.self_attention(h, h, self_attn.bias, k[0], self_attn.mask, self_attn.causal)
+        x = x + dropout(y, self.dropout_rate, k[1])
         h = self.pre_cross_attention_layer_norm(x)
-        y = self.encoder_decoder_attention(h, encoded, cross_bias, k[2])
+        y = self.encoder_decoder_attention(h, encoded, cross_attn.bias, k[2], cross_attn.mask)
         x = x + dropout(y, self.dropout_rate, k[3])
         h = self.pre_mlp_layer_norm(x)
         x = x + dropout(self.mlp(h, k[4]), self.dropout_rate, k[5])
         return constrain(x, _ACT)
 
-    def decode_step(self, x, cache, cross_kv, self_bias, cross_bias, step):
+    def decode_step(self, x, cache, cross_kv, self_attn: Attn, cross_bias, step):
         h = self.pre_self_attention_layer_norm(x)
-        y, cache = self.self_attention.decode_step(h, cache, step, self_bias)
+        y, cache = self.self_attention.decode_step(h, cache, step, self_attn.bias,
+                                                   self_attn.mask)
         x = x + y
         h = self.pre_cross_attention_layer_norm(x)
         attn = self.encoder_decoder_attention
@@ -145,13 +172,14 @@ class Encoder(nnx.Module):
         mask = (tokens != c.pad_id)[:, None, None, :]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        # Computed once, shared by all layers: [b, heads, s, s] in fp32.
-        bias = self.relpos_bias(pos, pos) + _mask_to_bias(mask)
+        # Computed once, shared by all layers: bias [b or 1, heads, s, s] in fp32.
+        attn = _attn(c.attention_impl == "dot_product_attention", self.relpos_bias(pos, pos),
+                     mask)
         keys = split_key(dropout_key, c.num_encoder_layers + 2)
         run = _layer_runner(c.remat_policy)
         x = constrain(dropout(x, c.dropout_rate, keys[0]), _ACT)
         for i in range(c.num_encoder_layers):
-            x = run(getattr(self, f"layers_{i}"), x, bias, keys[i + 1])
+            x = run(getattr(self, f"layers_{i}"), x, attn, keys[i + 1])
         x = self.encoder_norm(x)
         return constrain(dropout(x, c.dropout_rate, keys[-1]), _ACT)
 
@@ -182,21 +210,20 @@ class Decoder(nnx.Module):
     def __call__(self, x, encoded, encoder_tokens, embedder: Embed, decoder_segment_ids=None,
                  encoder_segment_ids=None, decoder_positions=None, dropout_key=None):
         c = self.config
-        t = x.shape[1]
         pos = _positions(x[..., 0], decoder_positions)
-        idx = jnp.arange(t)
-        mask = (idx[:, None] >= idx[None, :])[None, None]
+        mask = None
         if decoder_segment_ids is not None:
-            mask = mask & (decoder_segment_ids[:, None, :, None]
-                           == decoder_segment_ids[:, None, None, :])
-        self_bias = self.relpos_bias(pos, pos) + _mask_to_bias(mask)
-        cross_bias = _cross_bias(encoder_tokens, c.pad_id, decoder_segment_ids,
-                                 encoder_segment_ids)
+            mask = (decoder_segment_ids[:, None, :, None]
+                    == decoder_segment_ids[:, None, None, :])
+        fused = c.attention_impl == "dot_product_attention"
+        self_attn = _attn(fused, self.relpos_bias(pos, pos), mask, causal=True)
+        cross_attn = _attn(fused, None, _cross_mask(encoder_tokens, c.pad_id,
+                                                    decoder_segment_ids, encoder_segment_ids))
         keys = split_key(dropout_key, c.num_decoder_layers + 2)
         run = _layer_runner(c.remat_policy)
         x = constrain(dropout(x, c.dropout_rate, keys[0]), _ACT)
         for i, layer in enumerate(self._layers()):
-            x = run(layer, x, encoded, self_bias, cross_bias, keys[i + 1])
+            x = run(layer, x, encoded, self_attn, cross_attn, keys[i + 1])
         x = dropout(self.decoder_norm(x), c.dropout_rate, keys[-1])
         return self.logits(x, embedder)
 
@@ -206,15 +233,17 @@ class Decoder(nnx.Module):
 
     def decode_step(self, x, cache, cross_kv, cross_bias, step, embedder: Embed):
         """One position for every row: x [n, 1, d] -> (logits [n, vocab], new cache)."""
-        max_len = next(iter(cache.values()))[0].shape[2]  # [n, heads, max_len, d_kv]
+        layers = self._layers()
+        max_len = cache["layers_0"][0].shape[layers[0].self_attention.cache_length_axis]
         kpos = jnp.arange(max_len, dtype=jnp.int32)
         qpos = jnp.reshape(step, (1, 1)).astype(jnp.int32)
-        self_bias = (self.relpos_bias(qpos, kpos[None, :])
-                     + _mask_to_bias(kpos <= step)[None, None, None, :])
+        self_attn = _attn(self.config.attention_impl == "dot_product_attention",
+                          self.relpos_bias(qpos, kpos[None, :]),
+                          (kpos <= step)[None, None, None, :])
         new_cache = {}
-        for i, layer in enumerate(self._layers()):
+        for i, layer in enumerate(layers):
             name = f"layers_{i}"
-            x, new_cache[name] = layer.decode_step(x, cache[name], cross_kv[name], self_bias,
+            x, new_cache[name] = layer.decode_step(x, cache[name], cross_kv[name], self_attn,
                                                    cross_bias, step)
         return self.logits(self.decoder_norm(x), embedder)[:, 0, :], new_cache
 
@@ -224,6 +253,7 @@ class T5Transformer(nnx.Module):
 
     def __init__(self, config: T5Config, rngs: nnx.Rngs):
         self.check_config(config)
+        config = config.resolved()
         self.config = config
         self.token_embedder = Embed(config.vocab_size, config.d_model,
                                     jnp.dtype(config.dtype), jnp.dtype(config.param_dtype),
@@ -237,7 +267,7 @@ class T5Transformer(nnx.Module):
         _layer_runner(config.remat_policy)
         for name in ("dtype", "param_dtype"):
             try:
-                jnp.dtype(getattr(config, name))
+                jnp.dtype(getattr(config.resolved("cpu"), name))
             except TypeError as e:
                 raise ValueError(f"T5Config.{name}={getattr(config, name)!r} is not a dtype.") \
                     from e
@@ -276,12 +306,15 @@ class T5Transformer(nnx.Module):
         c = self.config
         encoded = self.encode(encoder_input_tokens)
         cross = self.decoder.cross_kv(encoded)
-        bias = _cross_bias(encoder_input_tokens, c.pad_id, None, None)
+        # Additive for both attention paths (dot_product_attention takes it as bias=).
+        bias = mask_to_bias(_cross_mask(encoder_input_tokens, c.pad_id, None, None))
         if num_repeats > 1:
             rep = lambda a: jnp.repeat(a, num_repeats, axis=0)  # noqa: E731
             cross, bias = jax.tree.map(rep, (cross, bias))
         n = encoder_input_tokens.shape[0] * num_repeats
-        shape = (n, c.num_heads, max_decode_length, c.d_kv)  # head-major (attend_cached)
+        shape = (n, c.num_heads, max_decode_length, c.d_kv)  # head-major (einsum)
+        if c.attention_impl == "dot_product_attention":
+            shape = (n, max_decode_length, c.num_heads, c.d_kv)
         zeros = lambda: jnp.zeros(shape, jnp.dtype(c.dtype))  # noqa: E731
         cache = {f"layers_{i}": (zeros(), zeros()) for i in range(c.num_decoder_layers)}
         return {"cache": cache, "cross_kv": cross, "cross_bias": bias}

@@ -41,8 +41,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ssr_jax import vocab as vocab_lib
-from ssr_jax.data.ssr_preprocessors import (SsrLengths, SsrMaskConfig, split_targets,
-                                            ssr_lengths)
+from ssr_jax.data.ssr_preprocessors import SsrLengths, SsrMaskConfig, ssr_lengths
+from ssr_jax.data.ssr_rewrite import split_targets
 from ssr_jax.errors import UserError
 
 Example = Mapping[str, np.ndarray]

@@ -14,7 +14,7 @@ import math
 from typing import Dict, Optional
 
 from ssr_jax import distributed
-from ssr_jax.data.ssr_preprocessors import RewriteStats
+from ssr_jax.data.ssr_rewrite import RewriteStats
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import stage as stage_lib
 from ssr_jax.ssr import teacher as teacher_lib

@@ -39,7 +39,7 @@ import numpy as np
 from ssr_jax import distributed
 from ssr_jax import vocab as vocab_lib
 from ssr_jax.data.dataset import task_vocabulary
-from ssr_jax.data.ssr_preprocessors import RewriteStats
+from ssr_jax.data.ssr_rewrite import RewriteStats
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import stage as stage_lib
 from ssr_jax.ssr import stats as stats_lib

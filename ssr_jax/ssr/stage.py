@@ -56,9 +56,8 @@ from ssr_jax import distributed
 from ssr_jax.data import packing
 from ssr_jax.data.dataset import get_task, import_task_module, task_vocabulary
 from ssr_jax.data.prefetch import Prefetcher
-from ssr_jax.data.ssr_preprocessors import (MALFORMED_POLICIES, RewriteStats,
-                                            rewrite_examples, task_mask_config,
-                                            teacher_decode_lengths)
+from ssr_jax.data.ssr_preprocessors import task_mask_config, teacher_decode_lengths
+from ssr_jax.data.ssr_rewrite import MALFORMED_POLICIES, RewriteStats, rewrite_examples
 from ssr_jax.errors import UserError
 from ssr_jax.ssr import stats as stats_lib
 from ssr_jax.ssr import teacher as teacher_lib
@@ -84,7 +83,7 @@ class SsrStageConfig:
     malformed: an example with a span that has no non-empty well-formed teacher fill:
       'empty_fill' (default) keeps it, that span rewritten `<x_k> <x_k+1>`; 'drop_example'
       (the paper's data_gen.py) makes its slot the span-corruption example of the same
-      segment (ssr_preprocessors.rewrite_examples), so batches stay full and lockstep holds.
+      segment (ssr_rewrite.rewrite_examples), so batches stay full and lockstep holds.
       The default keeps every example because dropping scales badly with the spans per
       example: at 512 tokens (~28 spans) a teacher with 97% good fills per span completes
       only 0.97^28 = 43% of its examples (the paper masked one line of text at a time).

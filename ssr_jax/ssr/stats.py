@@ -3,7 +3,7 @@ that describes them (online training, generate-spans and the default run's summa
 import time
 from typing import Dict, Mapping, Optional
 
-from ssr_jax.data.ssr_preprocessors import RewriteStats
+from ssr_jax.data.ssr_rewrite import RewriteStats
 
 # The run's SSR statistics at the end of training, beside its checkpoints.
 SUMMARY_FILE = "ssr_summary.json"

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from ssr_jax.models.config import resolve_dtype
+
 # Dense peak FLOP/s per device by activation dtype, matched by substring of
 # `device.device_kind` (first match wins): (name, bf16/fp16 tensor cores, fp32 matmuls at the
 # default precision, fp32 at "highest" precision). fp32 at the default precision is what JAX
@@ -46,6 +48,7 @@ def peak_flops(peak_flops_per_device: Optional[float] = None,
     if devices[0].platform == "cpu":
         return float("nan")  # no meaningful peak: it depends on the CPU, its cores, SIMD
     precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    dtype = resolve_dtype(str(dtype), devices[0].platform)  # T5Config.dtype 'auto'
     for name, half, fp32, fp32_highest in PEAK_FLOPS_BY_KIND:
         if name.lower() not in kind:
             continue
