@@ -112,6 +112,17 @@ def interleaved(fns: Mapping[str, Callable[[], None]], reps: int, warmup: int = 
     return wall, cpu
 
 
+# --- sampling ------------------------------------------------------------------------------
+def new_tokens(tokens, stop_ids, max_len: int, eos_id: int = 1) -> int:
+    """Tokens emitted per row up to and including its first EOS / stop token."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    total = 0
+    for row, stop in zip(np.asarray(tokens), stop_ids):
+        hit = np.flatnonzero((row == eos_id) | (row == stop))
+        total += int(hit[0]) + 1 if hit.size else min(max_len, row.shape[0])
+    return total
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 

@@ -51,16 +51,6 @@ def teacher_inputs(vocab_size: int, batch: int, length: int, seed: int = 0):
     return x, np.full((batch,), spans, np.int64)
 
 
-def new_tokens(tokens, stop_ids, max_len: int, eos_id: int = 1) -> int:
-    """Tokens emitted per row up to and including its first EOS / stop token."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    total = 0
-    for row, stop in zip(np.asarray(tokens), stop_ids):
-        hit = np.flatnonzero((row == eos_id) | (row == stop))
-        total += int(hit[0]) + 1 if hit.size else min(max_len, row.shape[0])
-    return total
-
-
 def decode_step_weights(model) -> int:
     """Parameters one decoding step reads: the decoder's, minus the cross-attention key/value
     kernels (projected once per call), plus the output layer (the embedding when tied)."""
@@ -126,7 +116,7 @@ class TeacherCall:
 
     def fetch(self, out) -> int:
         import jax  # pylint: disable=import-outside-toplevel
-        return new_tokens(jax.device_get(out), self.stops, self.max_len)
+        return common.new_tokens(jax.device_get(out), self.stops, self.max_len)
 
     def __call__(self) -> int:
         return self.fetch(self.dispatch())
@@ -145,7 +135,7 @@ def huggingface(hf, config, x, max_len: int, device):
                               top_k=TOP_K, temperature=1.0, max_new_tokens=n,
                               eos_token_id=config.eos_id, pad_token_id=config.pad_id,
                               decoder_start_token_id=config.decoder_start_token_id)
-        return new_tokens(out[:, 1:].cpu().numpy(), [-1] * len(x), n)
+        return common.new_tokens(out[:, 1:].cpu().numpy(), [-1] * len(x), n)
     return (lambda: generate(max_len)), (lambda: generate(2))
 
 

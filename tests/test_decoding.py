@@ -446,13 +446,17 @@ def test_decode_config_rejects_a_negative_ngram_size():
 
 # --- top-k then top-p (the SSR teacher's sampler) ---------------------------------------------
 def top_k_top_p_reference(logits, top_k, top_p):
-    """HF's order in float64 with a full sort: keep the top k, renormalise, keep the most
-    likely of those until their mass reaches top_p; returns the sampling distribution."""
+    """HF's semantics in float64 with a full sort: keep every logit >= the k-th largest
+    (TopKLogitsWarper keeps its ties), renormalise, keep the most likely of those until
+    their mass reaches top_p (and the ties of the last kept); returns the distribution."""
     logits = np.asarray(logits, np.float64)
-    order = np.argsort(-logits)[:top_k] if top_k else np.argsort(-logits)
+    if top_k and top_k < logits.size:
+        logits = np.where(logits >= np.sort(logits)[::-1][top_k - 1], logits, -np.inf)
+    order = np.argsort(-logits, kind="stable")
     probs = np.exp(logits[order] - logits[order].max())
     probs /= probs.sum()
-    kept = (np.cumsum(probs) - probs) < top_p
+    kept = ((np.cumsum(probs) - probs) < top_p) & (probs > 0)
+    kept |= logits[order] >= logits[order][kept].min()  # ties of the last kept token
     out = np.zeros_like(logits)
     out[order[kept]] = probs[kept] / probs[kept].sum()
     return out
@@ -492,3 +496,71 @@ def test_top_k_top_p_sampling_follows_the_renormalised_distribution():
             jnp.tile(jnp.asarray(row / temperature), (batch, 1)), top_k, top_p)))
     np.testing.assert_allclose(np.bincount(full, minlength=vocab) / batch, want,
                                atol=4 * np.sqrt(0.25 / batch))
+
+
+# --- top-k by chunks (top_k_candidates) ---------------------------------------------------------
+def tied_logits(rows, vocab, seed):
+    """Rounded logits (many exact ties, at the k-th value too) with some -inf (bans)."""
+    rng = np.random.RandomState(seed)
+    x = np.round(rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    x[rng.rand(rows, vocab) < 0.05] = -np.inf
+    x[0, 5:] = -np.inf  # fewer finite logits than k
+    x[1] = rng.standard_normal(vocab)  # no ties
+    return x
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 32])
+@pytest.mark.parametrize("vocab,top_k", [(501, 3), (512, 50), (40, 7)])
+def test_top_k_candidates_equal_a_full_sort(monkeypatch, chunk, vocab, top_k):
+    monkeypatch.setattr(decoding, "CHUNK", chunk)
+    logits = np.concatenate([tied_logits(6, vocab, 3), np.random.RandomState(4).standard_normal(
+            (6, vocab)).astype(np.float32)])
+    vals, ids, clean = jax.jit(decoding.top_k_candidates, static_argnums=1)(logits, top_k)
+    vals, ids, clean = np.asarray(vals), np.asarray(ids), np.asarray(clean)
+    for row, x in enumerate(logits):
+        want = np.sort(x)[::-1][:top_k]
+        np.testing.assert_array_equal(vals[row], want)
+        np.testing.assert_array_equal(x[ids[row]], want)
+        assert len(set(ids[row])) == top_k
+        assert clean[row] == ((x >= want[-1]).sum() == top_k), row  # no tie outside the k
+    assert clean[6:].all() and clean[1] and (top_k <= 5 or not clean[0])
+
+
+@pytest.mark.parametrize("chunk", [4, 32])
+@pytest.mark.parametrize("top_k,top_p", [(3, 0.9), (3, 1.0), (50, 0.5), (600, 0.9), (1, 0.9)])
+def test_filter_logits_with_ties_and_bans_matches_hf_semantics(monkeypatch, chunk, top_k, top_p):
+    monkeypatch.setattr(decoding, "CHUNK", chunk)
+    logits = tied_logits(8, 501, 5)
+    ours = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k, top_p))
+    for row in range(logits.shape[0]):
+        want = top_k_top_p_reference(logits[row], top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(ours[row]), want > 0)
+        np.testing.assert_allclose(np.exp(log_softmax(ours[row])), want, atol=1e-6)
+
+
+def test_top_k_sampling_with_ties_follows_hf_and_rows_are_independent(monkeypatch):
+    """Rows with a tie at the k-th value (HF keeps it: more than k tokens) draw over the
+    vocabulary, clean rows over the k candidates; the frequencies match the reference and a
+    clean row's tokens do not change when a neighbour has ties."""
+    monkeypatch.setattr(decoding, "CHUNK", 4)
+    vocab, batch, top_k, top_p = 300, 20000, 4, 0.95
+    rng = np.random.RandomState(6)
+    clean_row = rng.standard_normal(vocab).astype(np.float32)
+    tied_row = np.full(vocab, -3.0, np.float32)
+    tied_row[[7, 100, 201, 299]] = [2.0, 1.0, 0.0, 0.0]  # k-th value 0.0 shared by two
+    tied_row[[50, 150]] = 0.0
+    for row in (clean_row, tied_row):
+        logits = jnp.tile(jnp.asarray(row), (batch, 1))
+        keys = decoding.row_keys(jax.random.PRNGKey(7), batch)
+        draws = np.asarray(jax.jit(functools.partial(
+                decoding.sample_tokens, top_k=top_k, top_p=top_p))(keys, logits))
+        want = top_k_top_p_reference(row, top_k, top_p)
+        freq = np.bincount(draws, minlength=vocab) / batch
+        np.testing.assert_array_equal(freq > 0, want > 0)
+        np.testing.assert_allclose(freq, want, atol=4 * np.sqrt(0.25 / batch))
+    assert (top_k_top_p_reference(tied_row, top_k, top_p) > 0).sum() == 6
+    mixed = np.stack([clean_row, tied_row] * 8)
+    keys = decoding.row_keys(jax.random.PRNGKey(8), 16)
+    fn = jax.jit(functools.partial(decoding.sample_tokens, top_k=top_k, top_p=top_p))
+    alone = np.asarray(fn(keys, jnp.asarray(np.stack([clean_row] * 16))))
+    np.testing.assert_array_equal(np.asarray(fn(keys, jnp.asarray(mixed)))[::2], alone[::2])
