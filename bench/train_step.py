@@ -179,8 +179,9 @@ def measure_shape(name: str, quick: bool, dtypes, matmul) -> dict:
     info["hf float32"] = {"first_loss": hf_loss}
     fns["jnp.dot"], fns["torch.mm"], mm_flops = shape_matmuls(base, batch_size, li)
     fns["matmul 2048"] = matmul
-    times, cpu = common.interleaved(fns, 3 if quick else 9, warmup=1,
-                                    budget_s=8 if quick else 30)
+    # 15 s of measurement per shape keeps the grid near 10 minutes (make bench: 25).
+    times, cpu = common.interleaved(fns, 3 if quick else 7, warmup=1,
+                                    budget_s=8 if quick else 15)
     mm_s = {k: common.median(times[k]) for k in ("jnp.dot", "torch.mm", "matmul 2048")}
     shape_mm, torch_mm = mm_flops / mm_s["jnp.dot"], mm_flops / mm_s["torch.mm"]
     ref_mm = 2.0 * 2048 ** 3 / mm_s["matmul 2048"]
