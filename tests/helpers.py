@@ -39,3 +39,24 @@ def cli_error_line(capsys, argv):
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"ssr-jax {argv[0]}: error: ") and "Traceback" not in lines[0]
     return lines[0]
+
+
+def cached_decode(model, params, encoder_tokens, decoder_inputs):
+    """Teacher-forced incremental decoding through the decode caches, one position per
+    step: (logits [batch, length, vocab], the final cache pytree)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    length = decoder_inputs.shape[1]
+
+    @jax.jit
+    def run(params, enc, dec_in):
+        m = model.module(params)
+        state = m.init_decode_state(enc, length)
+
+        def step(cache, inputs):
+            t, tokens = inputs
+            logits, cache = m.decode_step(tokens, cache, state["cross_kv"],
+                                          state["cross_bias"], t)
+            return cache, logits
+        cache, out = jax.lax.scan(step, state["cache"], (jnp.arange(length), dec_in.T))
+        return jnp.swapaxes(out, 0, 1), cache
+    return run(params, encoder_tokens, decoder_inputs)

@@ -11,6 +11,7 @@ from ssr_jax.models import layers
 from ssr_jax.models.base import DecodeConfig
 from ssr_jax.models.config import T5Config
 from ssr_jax.models.encoder_decoder import EncoderDecoderModel
+import helpers
 from test_model import TINY, padded_batch, random_params
 
 FUSED = TINY.replace(attention_impl="dot_product_attention")
@@ -99,22 +100,10 @@ def test_cached_decoding_equals_full_decoding(params):
     length = batch["decoder_input_tokens"].shape[1]
 
     def cached(config):
-        model = EncoderDecoderModel(config)
-
-        @jax.jit
-        def run(params, enc, dec_in):
-            m = model.module(params)
-            state = m.init_decode_state(enc, length)
-
-            def step(cache, inputs):
-                t, tokens = inputs
-                out, cache = m.decode_step(tokens, cache, state["cross_kv"],
-                                           state["cross_bias"], t)
-                return cache, out
-            _, out = jax.lax.scan(step, state["cache"], (jnp.arange(length), dec_in.T))
-            return jnp.swapaxes(out, 0, 1), state["cache"]["layers_0"][0].shape
-        out, shape = run(params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-        return np.asarray(out), shape
+        out, cache = helpers.cached_decode(EncoderDecoderModel(config), params,
+                                           batch["encoder_input_tokens"],
+                                           batch["decoder_input_tokens"])
+        return np.asarray(out), cache["layers_0"][0].shape
     full = logits(EINSUM, params, batch)
     fused, fused_shape = cached(FUSED)
     _, einsum_shape = cached(EINSUM)

@@ -134,24 +134,10 @@ def test_cached_decoder_matches_full_decoder(hf_pair):
         pytest.skip("the cache logic is shared; checked once on the T5 1.1 config")
     model = EncoderDecoderModel(config)
     batch = padded_batch(seed=2)
-    dec_in = batch["decoder_input_tokens"]
-    length = dec_in.shape[1]
-
-    @jax.jit
-    def cached_logits(params, enc, dec_in):
-        m = model.module(params)
-        state = m.init_decode_state(enc, length)
-
-        def step(cache, inputs):
-            t, tokens = inputs
-            logits, cache = m.decode_step(tokens, cache, state["cross_kv"],
-                                          state["cross_bias"], t)
-            return cache, logits
-        _, out = jax.lax.scan(step, state["cache"], (jnp.arange(length), dec_in.T))
-        return jnp.swapaxes(out, 0, 1)
-
     full = np.asarray(jitted(config, "logits")(params, batch))
-    cached = np.asarray(cached_logits(params, batch["encoder_input_tokens"], dec_in))
+    cached, _ = helpers.cached_decode(model, params, batch["encoder_input_tokens"],
+                                      batch["decoder_input_tokens"])
+    cached = np.asarray(cached)
     np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
 
 
