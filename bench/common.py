@@ -24,8 +24,13 @@ if REPO not in sys.path:
 
 
 def setup_env():
-    """Before jax/tf/torch import: quiet TF, keep TF off accelerators, 2 torch threads."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Before jax/tf/torch import: the process as `ssr-jax` runs: glibc malloc settings for
+    XLA:CPU (re-executing once, ssr_jax.host_malloc; HF's torch in the same process gets
+    them too), TF quiet and without oneDNN kernels (ssr_jax.cli.tf_env)."""
+    from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
+    host_malloc.reexec_if_needed()
+    from ssr_jax.cli.tf_env import quiet_tensorflow_env  # pylint: disable=C0415
+    quiet_tensorflow_env()
 
 
 def torch_threads() -> int:
@@ -48,9 +53,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vector_units() -> str:
+    """The CPU's widest vector extensions (they decide XLA's and torch's matmul rates)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+
+
 def machine() -> Dict[str, str]:
     """What the numbers were measured on."""
-    info = {"cpu": cpu_model(), "cores": str(os.cpu_count()), "python": platform.python_version()}
+    info = {"cpu": cpu_model(), "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "cpu_vector_units": cpu_vector_units(),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(none)")}
     try:
         with open("/proc/meminfo") as f:
             kb = int(f.readline().split()[1])

@@ -258,8 +258,31 @@ def consumer_step_s(overrides, batch, reps: int):
     return common.median(times["step"])
 
 
+def masking_as_on_accelerator_hosts(quick: bool):
+    """`masking(quick)` in a child process without the CPU trainer's glibc malloc settings
+    (ssr_jax.host_malloc, not applied on GPU/TPU hosts, whose accelerators these rows are
+    about): with one malloc arena tf.data's threads contend (0.6-0.7x the examples per
+    CPU-second at 512/114, bench/NOTES.md). In this process when the settings are off."""
+    import json  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
+    if not os.environ.get(host_malloc.DONE):
+        return masking(quick)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc.DONE)}
+    env[host_malloc.OPT_OUT] = "0"
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import input_pipeline; "
+            f"print(json.dumps(input_pipeline.masking({quick!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"masking in a child process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(quick: bool):
-    rates, source_rate, mean_doc = masking(quick)  # first: no other pipeline's threads yet
+    # First: no other pipeline's threads yet.
+    rates, source_rate, mean_doc = masking_as_on_accelerator_hosts(quick)
     produced, sc_batch = producers(quick)
     reps = 3 if quick else 6
     tiny_s = consumer_step_s(TINY, sc_batch, reps)
@@ -274,6 +297,10 @@ def run(quick: bool):
                                                  SSR_PER_STEP / student_s),
     }
     rows, masking_data, mask_notes = masking_rows(rates, source_rate, mean_doc)
+    mask_notes.append("masking rows run without the CPU trainer's glibc malloc settings, as "
+                      "on the GPU/TPU hosts they are about (masking_as_on_accelerator_hosts); "
+                      "InputPipeline rows and their CPU consumers run with them (GLIBC_TUNABLES "
+                      "in the machine block), as `ssr-jax train` on a CPU.")
     data = {"masking": masking_data, "source_docs_per_cpu_s": source_rate}
     for name, (examples, wall, cpu, calls) in produced.items():
         per_core = examples / max(cpu, 1e-9)

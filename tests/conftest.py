@@ -9,6 +9,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as the CLI: ssr_jax.cli.tf_env
 # One persistent compile cache for the whole run (subprocesses inherit it): many test files
 # compile the same tiny programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

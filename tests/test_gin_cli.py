@@ -142,9 +142,12 @@ def test_unused_command_line_macro_warns_with_a_close_match(capsys):
 
 
 def test_installed_command_prints_one_line_without_traceback():
+    # The CLI's own log settings, not the test session's (tests/conftest.py sets the same).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
     proc = subprocess.run([sys.executable, "-m", "ssr_jax.cli", "train", TINY], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
+                          env={**env, "PYTHONPATH": REPO})
     assert proc.returncode == 2
     # Nothing but the framework's line: no TF/CUDA start-up noise ("cudart_stub.cc ... Could
     # not find cuda drivers", "failed call to cuInit", "absl::InitializeLog()").

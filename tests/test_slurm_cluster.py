@@ -361,14 +361,16 @@ def _train_args(model_dir):
             for a in _span_corruption_args(model_dir, STEPS)]
 
 
-def test_training_job_survives_preemption_and_a_killed_task(slurm, tmp_path):
-    # Reference: 1 process, 8 devices, reading both hosts' shards (tests/multihost_worker.py).
+def test_training_job_survives_preemption_and_a_killed_task(slurm, tmp_path, request):
+    # Reference: 1 process, 8 devices, reading both hosts' shards (tests/multihost_worker.py),
+    # run while the job waits on SLURM (its own compile cache: no race with the job's).
     ref_dir, run_dir = tmp_path / "one_process", tmp_path / "slurm_run"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"emulate_hosts": 2, "runs": [_train_args(ref_dir)]}))
     ref_log = tmp_path / "reference.log"
-    ref = _start(["train", str(spec)], _env(8, tmp_path), ref_log)
-    assert _wait([ref], [ref_log], timeout=400) == [0], _tail(ref_log)
+    (tmp_path / "ref").mkdir()
+    ref = _start(["train", str(spec)], _env(8, tmp_path / "ref"), ref_log)
+    request.addfinalizer(lambda: ref.poll() is None and (ref.kill(), ref.wait()))
 
     job_env = {k: v for k, v in _env(4, tmp_path).items() if k.startswith(("XLA_", "JAX_"))}
     job_env.update(VENV=VENV, MAX_RESTARTS=2, HEARTBEAT_TIMEOUT_S=300, PYTHONUNBUFFERED=1)
@@ -410,6 +412,7 @@ def test_training_job_survives_preemption_and_a_killed_task(slurm, tmp_path):
     assert len(joined) == 6 and all(label == proc for label, proc in joined), joined
 
     # Every step's loss (after the reruns, the last one logged) equals the single process's.
+    assert _wait([ref], [ref_log], timeout=300) == [0], _tail(ref_log)
     two, one = _losses(run_dir), _losses(ref_dir)
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     for step in one:

@@ -8,6 +8,8 @@ import re
 import sys
 import tempfile
 
+from ssr_jax.cli.tf_env import quiet_tensorflow_env
+
 # subcommand -> (module, function, one-line help). Modules load lazily so that
 # `ssr-jax --help` and light commands do not import jax/tensorflow.
 COMMANDS = {
@@ -33,7 +35,9 @@ COMMANDS = {
 _NATIVE_NOISE = re.compile(
         r"All log messages before absl::InitializeLog|cudart_stub\.cc|failed call to cuInit|"
         r"cpu_feature_guard\.cc|rebuild TensorFlow with the appropriate compiler flags|"
-        r"Unable to register cu(DNN|FFT|BLAS) factory|computation_placer\.cc|TF-TRT Warning")
+        r"Unable to register cu(DNN|FFT|BLAS) factory|computation_placer\.cc|TF-TRT Warning|"
+        r"oneDNN custom operations are on")
+
 
 
 def _usage() -> str:
@@ -48,7 +52,7 @@ def _native_noise_filtered():
     """The process's stderr (fd 2, where C++ writes) captured, then replayed without the lines
     TensorFlow prints while it loads. Only around imports: a crash inside loses nothing that
     matters, and a running command's output is never held back."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # also E-level "failed call to cuInit"
+    quiet_tensorflow_env()
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -94,6 +98,7 @@ def _command_help(name: str, rest) -> bool:
 
 
 def main(argv=None) -> int:
+    command_line = argv is None  # the console script / python -m (tests pass argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -111,6 +116,9 @@ def main(argv=None) -> int:
         return 0
     module, func, _ = COMMANDS[name]
     if not any(a in ("-h", "--help") for a in rest):  # argparse help needs no TensorFlow
+        if command_line:
+            from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
+            host_malloc.reexec_if_needed()  # XLA:CPU's buffers without page faults
         quiet_native_logs()
     try:
         with _native_noise_filtered():  # a command module may import TensorFlow itself

@@ -374,7 +374,8 @@ def query(selector: str, default=None):
 
 
 def quiet_logs():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ssr_jax.cli.tf_env import quiet_tensorflow_env  # pylint: disable=C0415
+    quiet_tensorflow_env()
     for name in ("absl", "orbax", "tensorflow", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
