@@ -268,8 +268,7 @@ def masking_as_on_accelerator_hosts(quick: bool):
     from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
     if not os.environ.get(host_malloc.DONE):
         return masking(quick)
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc.DONE)}
-    env[host_malloc.OPT_OUT] = "0"
+    env = host_malloc.without(os.environ)
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import json, sys; sys.path.insert(0, {here!r}); import input_pipeline; "
             f"print(json.dumps(input_pipeline.masking({quick!r})))")

@@ -123,10 +123,12 @@ def call_matmuls(config, batch: int, length: int, steps: int, decode: bool = Tru
     c = config
     d, h, dk, inner = c.d_model, c.num_heads, c.d_kv, c.num_heads * c.d_kv
     ff = (2 if c.is_gated else 1) * c.d_ff
-    keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+    drawn = [0]
 
-    def w(*shape):
-        return jax.random.normal(next(keys), shape, jnp.float32) * shape[0] ** -0.5
+    def w(*shape):  # a new key per weight, however many layers
+        drawn[0] += 1
+        key = jax.random.fold_in(jax.random.PRNGKey(1), drawn[0])
+        return jax.random.normal(key, shape, jnp.float32) * shape[0] ** -0.5
 
     enc = [dict(qkv=w(d, 3 * inner), o=w(inner, d), wi=w(d, ff), wo=w(c.d_ff, d))
            for _ in range(c.num_encoder_layers)]

@@ -56,6 +56,18 @@ def apply(environ: MutableMapping[str, str]) -> None:
     environ[DONE] = "1"
 
 
+def without(environ: Mapping[str, str]) -> dict:
+    """A copy of `environ` for a child process that runs with glibc's defaults: SETTINGS'
+    entries taken out of GLIBC_TUNABLES (the user's own kept) and opted out."""
+    ours = {f"{k}={v}" for k, v in SETTINGS}
+    env = {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", DONE)}
+    kept = [e for e in environ.get("GLIBC_TUNABLES", "").split(":") if e and e not in ours]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    env[OPT_OUT] = "0"
+    return env
+
+
 def reexec_if_needed(argv: Optional[Sequence[str]] = None) -> None:
     """Re-executes this Python process with SETTINGS when `wanted`; returns otherwise. Call
     first thing in a program's entry point: the new process starts from the beginning (same

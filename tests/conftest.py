@@ -8,8 +8,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # Tests are dominated by compilation of tiny programs: skip XLA's slow backend passes.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as the CLI: ssr_jax.cli.tf_env
+from ssr_jax.cli.tf_env import quiet_tensorflow_env  # noqa: E402  (no jax, no TF)
+
+quiet_tensorflow_env()  # as every ssr-jax process
 # One persistent compile cache for the whole run (subprocesses inherit it): many test files
 # compile the same tiny programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

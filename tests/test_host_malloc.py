@@ -1,6 +1,7 @@
 """ssr_jax.host_malloc: glibc tunables for XLA:CPU processes, set by re-executing once."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -52,9 +53,16 @@ print(json.dumps({{"tunables": os.environ.get("GLIBC_TUNABLES"), "pid": os.getpi
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not host_malloc.wanted(
-        {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_", "SSR_JAX_GLIBC"))},
-        accelerator=False), reason="glibc on Linux only")
+def test_without_takes_out_only_our_settings():
+    env = host_malloc.without({"GLIBC_TUNABLES": "glibc.cpu.x86_shstk=off:" + OURS,
+                               "SSR_JAX_GLIBC_MALLOC_SET": "1", "PATH": "/bin"})
+    assert env == {"GLIBC_TUNABLES": "glibc.cpu.x86_shstk=off", "SSR_JAX_GLIBC_MALLOC": "0",
+                   "PATH": "/bin"}
+    assert "GLIBC_TUNABLES" not in host_malloc.without({"GLIBC_TUNABLES": OURS})
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux only")
 def test_reexecuted_process_reuses_freed_buffers_without_page_faults():
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("GLIBC_TUNABLES", "SSR_JAX_GLIBC"))}
