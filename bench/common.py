@@ -23,12 +23,18 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def setup_env():
+def setup_env(module_name: str):
     """Before jax/tf/torch import: the process as `ssr-jax` runs: glibc malloc settings for
     XLA:CPU (re-executing once, ssr_jax.host_malloc; HF's torch in the same process gets
-    them too), TF quiet and without oneDNN kernels (ssr_jax.cli.tf_env)."""
-    from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
-    host_malloc.reexec_if_needed()
+    them too), TF quiet and without oneDNN kernels (ssr_jax.cli.tf_env).
+
+    Only a benchmark run as the program (`module_name == '__main__'`, the caller's
+    `__name__`) re-executes: a benchmark imported by another program (the tests import
+    several) would restart that program, e.g. pytest halfway through collecting, whose
+    output then went to the capture file it held at that moment and was lost."""
+    if module_name == "__main__":
+        from ssr_jax import host_malloc  # pylint: disable=import-outside-toplevel
+        host_malloc.reexec_if_needed()
     from ssr_jax.cli.tf_env import quiet_tensorflow_env  # pylint: disable=C0415
     quiet_tensorflow_env()
 

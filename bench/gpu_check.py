@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import gpu_card  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 SHAPE = dict(vocab_size=32128, d_model=512, num_heads=8, d_kv=64, d_ff=1024,
              num_encoder_layers=2, num_decoder_layers=2)

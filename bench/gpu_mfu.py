@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import gpu_card  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 SIZES = {
         "base": (dict(d_model=768, num_heads=12, d_kv=64, d_ff=2048, num_encoder_layers=12,

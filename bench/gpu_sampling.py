@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import gpu_card  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 LARGE = dict(d_model=1024, num_heads=16, d_kv=64, d_ff=2816, num_encoder_layers=24,
              num_decoder_layers=24)

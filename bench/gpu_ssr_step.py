@@ -22,7 +22,7 @@ import gpu_card  # noqa: E402  pylint: disable=wrong-import-position
 import gpu_mfu  # noqa: E402  pylint: disable=wrong-import-position
 import gpu_sampling  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 SMOKE_STUDENT = (gpu_sampling.TINY, 4)
 SMOKE_TEACHER = dict(gpu_sampling.TINY, d_model=128, d_kv=32, d_ff=256)  # 4x the attn + MLP

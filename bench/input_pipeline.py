@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 VOCAB_SIZE = 4224  # default_spm.model: 4000 pieces + 100 sentinels, padded to 128
 MASK_SHAPES = {"128/32": {"inputs": 128, "targets": 32}, "512/114": {"inputs": 512, "targets": 114}}

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import input_pipeline  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 STUDENT = input_pipeline.STUDENT
 TEACHERS = {"1x": STUDENT, "4x": input_pipeline.TINY}

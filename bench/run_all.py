@@ -163,7 +163,7 @@ def main() -> int:
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}", file=sys.stderr)
         return 2
-    common.setup_env()
+    common.setup_env(__name__)
     machine = common.machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n", flush=True)
     t0 = time.time()

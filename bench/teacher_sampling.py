@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import train_step  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 
 def _t5(version, d_model, heads, d_ff, layers, vocab):

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-common.setup_env()
+common.setup_env(__name__)
 
 _T5_1_0 = dict(feed_forward_proj="relu", tie_word_embeddings=True)
 GRID = {

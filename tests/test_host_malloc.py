@@ -79,3 +79,43 @@ def test_reexecuted_process_reuses_freed_buffers_without_page_faults():
     # most): 3 of them >= 384; reused heap memory faults in nothing.
     assert runs["default"]["faults"] >= 3 * 2 ** 28 // 2 ** 21, runs
     assert runs["ours"]["faults"] <= runs["default"]["faults"] // 10, runs
+
+
+_GLIBC = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                            reason="glibc on Linux only")
+
+
+def _env_that_wants_the_settings():
+    return dict({k: v for k, v in os.environ.items()
+                 if not k.startswith(("GLIBC_TUNABLES", "SSR_JAX_GLIBC"))}, JAX_PLATFORMS="cpu")
+
+
+@_GLIBC
+@pytest.mark.parametrize("module_name, expected", [("__main__", "1"), ("gpu_sampling", "no")])
+def test_a_benchmark_reexecutes_only_when_it_is_the_program(tmp_path, module_name, expected):
+    script = tmp_path / "probe.py"
+    script.write_text(
+            "import os, sys\n"
+            f"sys.path.insert(0, {os.path.join(REPO, 'bench')!r})\n"
+            "import common\n"
+            "common.setup_env(sys.argv[1])\n"
+            f"print('ran with', os.environ.get({host_malloc.DONE!r}, 'no'), os.getpid())\n")
+    proc = subprocess.run([sys.executable, str(script), module_name],
+                          env=_env_that_wants_the_settings(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ran with")]
+    assert len(lines) == 1 and lines[0].split()[2] == expected, proc.stdout
+
+
+@_GLIBC
+def test_collecting_the_benchmark_tests_keeps_pytests_output():
+    # tests/test_gpu_bench.py imports bench modules: that once re-executed pytest during
+    # collection, and the whole run's output went to a capture file nobody reads.
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "tests/test_gpu_bench.py"],
+                          cwd=REPO, env=_env_that_wants_the_settings(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test_bandwidth_bound_against_closed_form" in proc.stdout, proc.stdout[-2000:]
+    assert "collected" in proc.stdout, proc.stdout[-2000:]
