@@ -29,8 +29,9 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssr-jax default-run", description=__doc__.split(
             "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True, help="where everything goes")
-    parser.add_argument("--teacher_steps", type=int, default=300,
-                        help="span-corruption steps of the teacher (default: 300)")
+    parser.add_argument("--teacher_steps", type=int, default=900,
+                        help="span-corruption steps of the teacher (default: 900, where its "
+                             "held-out fills pass 90%% valid and non-empty)")
     parser.add_argument("--init_steps", type=int, default=200,
                         help="span-corruption steps of the shared student init (default: 200)")
     parser.add_argument("--student_steps", type=int, default=200,
