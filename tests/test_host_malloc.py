@@ -61,15 +61,21 @@ def test_without_takes_out_only_our_settings():
     assert "GLIBC_TUNABLES" not in host_malloc.without({"GLIBC_TUNABLES": OURS})
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc on Linux only")
+_GLIBC = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                            reason="glibc on Linux only")
+
+
+def _env_that_wants_the_settings():
+    return dict({k: v for k, v in os.environ.items()
+                 if not k.startswith(("GLIBC_TUNABLES", "SSR_JAX_GLIBC"))}, JAX_PLATFORMS="cpu")
+
+
+@_GLIBC
 def test_reexecuted_process_reuses_freed_buffers_without_page_faults():
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("GLIBC_TUNABLES", "SSR_JAX_GLIBC"))}
     runs = {}
     for name, extra in (("default", {"SSR_JAX_GLIBC_MALLOC": "0"}), ("ours", {})):
         proc = subprocess.run([sys.executable, "-c", _PROBE.format(repo=REPO)],
-                              env=dict(base, JAX_PLATFORMS="cpu", **extra),
+                              env=dict(_env_that_wants_the_settings(), **extra),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -81,15 +87,6 @@ def test_reexecuted_process_reuses_freed_buffers_without_page_faults():
     assert runs["ours"]["faults"] <= runs["default"]["faults"] // 10, runs
 
 
-_GLIBC = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                            reason="glibc on Linux only")
-
-
-def _env_that_wants_the_settings():
-    return dict({k: v for k, v in os.environ.items()
-                 if not k.startswith(("GLIBC_TUNABLES", "SSR_JAX_GLIBC"))}, JAX_PLATFORMS="cpu")
-
-
 @_GLIBC
 @pytest.mark.parametrize("module_name, expected", [("__main__", "1"), ("gpu_sampling", "no")])
 def test_a_benchmark_reexecutes_only_when_it_is_the_program(tmp_path, module_name, expected):
@@ -99,7 +96,7 @@ def test_a_benchmark_reexecutes_only_when_it_is_the_program(tmp_path, module_nam
             f"sys.path.insert(0, {os.path.join(REPO, 'bench')!r})\n"
             "import common\n"
             "common.setup_env(sys.argv[1])\n"
-            f"print('ran with', os.environ.get({host_malloc.DONE!r}, 'no'), os.getpid())\n")
+            f"print('ran with', os.environ.get({host_malloc.DONE!r}, 'no'))\n")
     proc = subprocess.run([sys.executable, str(script), module_name],
                           env=_env_that_wants_the_settings(), capture_output=True, text=True,
                           timeout=120)
