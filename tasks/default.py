@@ -6,11 +6,11 @@ they are carved and kept apart from pre-training text), each with 'train', 'vali
 and 'test' splits:
   ssr_default_docstring_summary  'summarize: ' docstring body -> its first paragraph
                                  (ROUGE: rouge1, rouge2, rougeLsum)
-  ssr_default_gec                'fix: ' sentence with 1-3 synthetic errors -> the clean
-                                 sentence (GLEU with its interval, the copy-the-input GLEU
-                                 floor, exact match)
-Split sizes on Python 3.11.7 (train/validation/test): summary 478/59/56 documents; GEC
-5749/195/179 examples (1449/195/179 sentences; GEC_TRAIN_VERSIONS corruptions of each
+  ssr_default_gec                'fix: ' sentence with synthetic errors (ERROR_RATE per
+                                 word, at least one) -> the clean sentence (GLEU with its
+                                 interval, the copy-the-input GLEU floor, exact match)
+Split sizes on Python 3.11.7 (train/validation/test): summary 1032/119/134 documents; GEC
+25082/431/412 examples (3246/431/412 sentences; GEC_TRAIN_VERSIONS corruptions of each
 train sentence). Another Python's stdlib gives other sizes; `num_input_examples` counts.
 `trivial_predictions(task_name, inputs)` gives the baselines a downstream score must beat,
 for any registered task.

@@ -202,3 +202,24 @@ def test_bad_results_name_the_problem(results, tmp_path):
                              "scores": results["tasks"]["gec_synthetic"]["scores"]}}}
     with pytest.raises(UserError, match="primary_metric 'bleu'.*'exact_match', 'gleu'"):
         report.write_report(str(tmp_path), bad, make_plots=False)
+
+
+def test_notes_flag_arms_under_the_trivial_baseline_and_constant_outputs():
+    from ssr_jax.cli.compare_report import task_notes  # pylint: disable=import-outside-toplevel
+    clean, sources, _ = _task_data(1)
+    targets = [{"source": s, "references": [c]} for s, c in zip(sources, clean)]
+    arms = {"span_corruption": [[clean[0]] * len(clean)],  # one output for every input
+            "ssr": [list(clean)]}  # every rewrite right
+    tables = scores.score_task([metrics.gleu], targets, arms, "span_corruption",
+                               num_resamples=50, extra_predictions={"copy_input": sources})
+    scored = {"primary_metric": "gleu", "scores": tables, "distinct_outputs": {
+        arm: [len(set(p)) / len(p) for p in seeds] for arm, seeds in arms.items()}}
+    notes = task_notes("gec", scored)
+    constant = tables["arms"]["span_corruption"]["gleu"]["mean"]
+    copy = tables["extra"]["copy_input"]["gleu"]["mean"]
+    assert constant < copy < tables["arms"]["ssr"]["gleu"]["mean"]
+    assert len(notes) == 2, notes
+    assert notes[0].startswith(f"gec: span_corruption (gleu {constant:.2f}) does not beat the "
+                               f"trivial baseline copy_input ({copy:.2f})")
+    assert notes[1].startswith("gec: span_corruption wrote nearly one output for every input "
+                               "(its worst seed: 3.3% distinct predictions)")

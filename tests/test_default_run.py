@@ -26,6 +26,8 @@ def test_rejects_bad_arguments(tmp_path):
     ({"tasks": ("x",)}, r"task_lengths has no lengths for \['x'\]"),
     ({"seeds": ()}, "compare.seeds is empty"),
     ({"tasks": ()}, "compare.tasks is empty"),
+    ({"decode_method": "sample"}, "compare.decode_method='sample': use 'greedy' or 'beam'"),
+    ({"num_beams": 0}, r"compare.num_beams=0 must be an integer >= 1"),
 ])
 def test_compare_spec_refuses_bad_settings(changes, match):
     base = dict(out_dir="/tmp/x", task_lengths={GEC: {"inputs": 8, "targets": 8}},
@@ -87,6 +89,9 @@ def test_shrunken_default_run_report_matches_its_predictions(tmp_path, capsys):
                 os.path.dirname(os.path.dirname(run["test_file"]))) == [10, 12]
             rows, recomputed = _recompute(run["test_file"])
             assert len(rows) == scores["num_examples"] == 16  # one batch of 16 examples
+            preds = [r["prediction"] for r in rows]
+            assert results["tasks"][GEC]["distinct_outputs"][arm][seed] == \
+                len(set(preds)) / len(preds)
             for key in ("gleu", "exact_match"):
                 np.testing.assert_allclose(scores["arms"][arm][key]["seeds"][seed],
                                            recomputed[key], atol=1e-9)

@@ -2,6 +2,7 @@
 kind occurs, and the output depends only on (sentence, seed, version). Pure python."""
 import collections
 import json
+import math
 import os
 import random
 import subprocess
@@ -138,17 +139,30 @@ def test_casing_lowers_the_first_letter_or_capitalises_a_word():
     assert details == {"lower_first", "capitalize"}
 
 
-def test_corrupt_gives_one_to_three_errors_of_every_kind():
-    kinds, counts = collections.Counter(), collections.Counter()
+def test_corrupt_gives_errors_in_proportion_to_length_of_every_kind():
+    kinds, per_sentence = collections.Counter(), {}
     for s in SENTENCES:
-        for version in range(40):
+        counts = []
+        for version in range(60):
             c = se.corrupt(s, seed=0, version=version)
             assert c.target == s and c.source != s
-            assert 1 <= len(c.edits) <= 3
-            counts[len(c.edits)] += 1
+            assert 1 <= len(c.edits) <= len(s.split())
+            counts.append(len(c.edits))
             kinds.update(e.kind for e in c.edits)
+        per_sentence[s] = sum(counts) / len(counts)
     assert set(kinds) == set(se.KINDS)
-    assert counts[1] > counts[2] > counts[3] > 0
+    longest = max(SENTENCES, key=lambda s: len(s.split()))
+    shortest = min(SENTENCES, key=lambda s: len(s.split()))
+    assert per_sentence[longest] > per_sentence[shortest] >= 1
+    # error_count is Binomial(words, rate) floored at one: its mean against the exact one.
+    rng, rate = random.Random(0), se.ERROR_RATE
+    for words in (5, 12, 40):
+        draws = [se.error_count(words, rng) for _ in range(4000)]
+        exact = sum(max(1, k) * math.comb(words, k) * rate ** k * (1 - rate) ** (words - k)
+                    for k in range(words + 1))
+        assert abs(sum(draws) / len(draws) - exact) < 0.1, (words, exact)
+        assert min(draws) == 1
+    assert sum(se.error_count(40, rng, rate=0.5) for _ in range(200)) / 200 > 15
     # A single error of a given kind: the corruption is that edit (positions line up).
     c = se.corrupt(SENTENCES[0], kinds=("repeat_word",), num_errors=1)
     (edit,) = c.edits

@@ -15,8 +15,9 @@ does SSR help? One command, every stage through the normal trainer, resumable st
      arms' teacher cost (FLOPs and seconds) is recorded;
   4. downstream: every arm fine-tuned on every task with one recipe and each seed; the
      checkpoint kept is the one with the best decoded validation metric (T5X's infer-eval:
-     greedy decoding of the validation split at every saved step), then the test split
-     (validation, with a warning, when the task has none) is decoded with it;
+     the validation split decoded at every saved step, greedily or by beam search as
+     `decode_method` says), then the test split (validation, with a warning, when the task
+     has none) is decoded the same way with it;
   5. scores and report: per task and arm, the metrics' mean over seeds with a 95% bootstrap
      interval over examples, the spread over seeds, a paired bootstrap against span
      corruption with its p-value, trivial baselines (copy the input, its first sentence);

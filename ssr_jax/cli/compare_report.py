@@ -9,6 +9,11 @@ from typing import Any, Dict, List, Mapping
 from ssr_jax.cli.compare_spec import BASELINE, CompareSpec
 from ssr_jax.errors import UserError
 
+# Distinct test predictions per example under which an arm is flagged as writing (nearly)
+# one output for every input: a comparison of such students says which constant scores
+# better, not which objective helps.
+DEGENERATE_SHARE = 0.1
+
 
 def read_rows(path: str) -> List[Dict[str, Any]]:
     with open(path) as f:
@@ -54,11 +59,39 @@ def score(spec: CompareSpec, task_name: str, runs) -> Dict[str, Any]:
         raise UserError(f"task {task_name!r} has no metric_fns: compare scores decoded "
                         "predictions with them (register the task with metric_fns=[...]).")
     first = next(iter(runs.values()))[0]
+    distinct = {arm: [len(set(seed)) / max(1, len(seed)) for seed in seeds]
+                for arm, seeds in predictions.items()}
     return {"primary_metric": first["primary_metric"], "num_examples": len(rows),
+            "distinct_outputs": distinct,
             "split": first["test_split"],
             "scores": scores.score_task(fns, targets, post, BASELINE,
                                         num_resamples=spec.num_resamples, seed=0,
                                         extra_predictions=extra)}
+
+
+def task_notes(task_name: str, scored: Mapping[str, Any]) -> List[str]:
+    """The report's warnings for a task: each arm whose primary metric does not beat the best
+    trivial baseline, and each arm with a seed that wrote (nearly) one output for every
+    input (`distinct_outputs` < DEGENERATE_SHARE)."""
+    primary, tables = scored["primary_metric"], scored["scores"]
+    baselines = {name: metrics[primary]["mean"] for name, metrics in
+                 (tables.get("extra") or {}).items() if primary in metrics}
+    notes = []
+    if baselines:
+        best = max(baselines, key=baselines.get)
+        for arm, metrics in tables["arms"].items():
+            mean = metrics[primary]["mean"]
+            if not mean > baselines[best]:
+                notes.append(f"{task_name}: {arm} ({primary} {mean:.2f}) does not beat the "
+                             f"trivial baseline {best} ({baselines[best]:.2f}): the arms "
+                             "are compared below what a model that learnt nothing scores.")
+    for arm, shares in (scored.get("distinct_outputs") or {}).items():
+        worst = min(shares)
+        if worst < DEGENERATE_SHARE:
+            notes.append(f"{task_name}: {arm} wrote nearly one output for every input (its "
+                         f"worst seed: {worst:.1%} distinct predictions); its score is that "
+                         "of a constant, not of reading the input.")
+    return notes
 
 
 def _protocol(spec: CompareSpec, teacher, init) -> Dict[str, Any]:
@@ -77,9 +110,8 @@ def _protocol(spec: CompareSpec, teacher, init) -> Dict[str, Any]:
                         + ", ".join(f"{t}: {spec.steps_of(t)} steps" for t in spec.tasks)
                         + ", seeds "
                         f"{list(spec.seeds)}; checkpoint chosen every {spec.select_every} "
-                        "steps by the greedy-decoded validation metric"),
-        "decoding": ("greedy" + (f", no repeated {spec.no_repeat_ngram_size}-grams"
-                                 if spec.no_repeat_ngram_size else "")),
+                        f"steps by the {spec.decode_method}-decoded validation metric"),
+        "decoding": spec.decode_description(),
         "bootstrap": f"{spec.num_resamples} resamples of the test examples",
     }
 
@@ -112,6 +144,8 @@ def build_and_write(spec: CompareSpec, out: str, teacher, init, arms, tasks) -> 
                        for name, entry in tasks.items()},
         "notes": [],
     }
+    for name, scored in results["tasks"].items():
+        results["notes"] += task_notes(name, scored)
     if not teacher["reached_target"]:
         results["notes"].append(
                 f"The teacher reached {fills.get('valid_nonempty_share', 0):.1%} valid "

@@ -62,6 +62,11 @@ class CompareSpec:
     decode_batch_size: int = 64
     validation_batches: Optional[int] = 2  # per checkpoint, for the choice; None: all
     test_batches: Optional[int] = None  # None: the whole test split
+    # How the checkpoint choice and the test split are decoded: 'greedy' or 'beam'
+    # (num_beams, with T5X's length penalty brevity_alpha).
+    decode_method: str = "greedy"
+    num_beams: int = 4
+    brevity_alpha: float = 0.6
     no_repeat_ngram_size: int = 0
     num_resamples: int = 1000
     module: str = "tasks"
@@ -87,7 +92,7 @@ class CompareSpec:
         for name in ("teacher_steps", "teacher_extra_steps", "teacher_max_steps",
                      "fill_check_examples", "arm_steps", "pretrain_batch_size",
                      "ssr_examples_per_row", "eval_batches", "finetune_steps",
-                     "select_every", "decode_batch_size", "num_resamples"):
+                     "select_every", "decode_batch_size", "num_beams", "num_resamples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"compare.{name}={value!r} must be an integer >= 1.")
@@ -97,6 +102,10 @@ class CompareSpec:
                             ">= 1 span-corruption steps, or give compare.init_checkpoint.")
         if self.teacher_max_steps < self.teacher_steps:
             raise UserError("compare.teacher_max_steps must be >= compare.teacher_steps.")
+        if self.decode_method not in ("greedy", "beam"):
+            raise UserError(f"compare.decode_method={self.decode_method!r}: use 'greedy' or "
+                            "'beam' (the checkpoint choice and the test scores must not "
+                            "depend on a sampling seed).")
         if not 0.0 <= self.min_valid_fills <= 1.0:
             raise UserError(f"compare.min_valid_fills={self.min_valid_fills}: a share in [0, 1].")
         if not self.seeds:
@@ -118,6 +127,14 @@ class CompareSpec:
             raise UserError(f"compare.task_lengths has no lengths for {missing}; e.g. "
                             f"compare.task_lengths={{'{missing[0]}': {{'inputs': 128, "
                             "'targets': 64}}}.")
+
+    def decode_description(self) -> str:
+        """How validation and test are decoded, in words (the report's 'decoding' line)."""
+        text = (f"beam search, {self.num_beams} beams, length penalty alpha "
+                f"{self.brevity_alpha}" if self.decode_method == "beam" else "greedy")
+        if self.no_repeat_ngram_size:
+            text += f", no repeated {self.no_repeat_ngram_size}-grams"
+        return text
 
     def steps_of(self, task: str) -> int:
         """Fine-tuning steps of a task (compare.task_steps, else finetune_steps)."""

@@ -313,6 +313,7 @@ class Stages:
                   "lengths": lengths, "validation_batches": spec.validation_batches,
                   "test_batches": spec.test_batches, "decode_batch": spec.decode_batch_size,
                   "no_repeat_ngram_size": spec.no_repeat_ngram_size,
+                  "decode": spec.decode_description(),
                   "bindings": self._common()}
         done = self._done(name, inputs)
         if done is not None:
@@ -361,9 +362,12 @@ class Stages:
 
     def _decode_config(self, lengths: Mapping[str, int]):
         from ssr_jax.models.base import DecodeConfig  # pylint: disable=import-outside-toplevel
-        kwargs = {"method": "greedy", "max_decode_length": int(lengths["targets"])}
-        if self.spec.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.spec.no_repeat_ngram_size
+        spec = self.spec
+        kwargs = {"method": spec.decode_method, "max_decode_length": int(lengths["targets"])}
+        if spec.decode_method == "beam":
+            kwargs.update(num_beams=spec.num_beams, brevity_alpha=spec.brevity_alpha)
+        if spec.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = spec.no_repeat_ngram_size
         return DecodeConfig(**kwargs)
 
     def _infer(self, model, directory: str, step: int, task: str, split: str,

@@ -1,16 +1,21 @@
 """The embedded default corpus: English text that ships with every Python installation.
 
-Documents come from two places, both read as files (nothing is imported or executed):
+Documents come from three places, all read as files (nothing is imported or executed):
   * `pydoc_data/topics.py`: the language reference topics behind `help()` (~465k chars),
     read with `ast.literal_eval` of its `topics` dict;
   * the docstrings of the standard-library sources (`ast.parse`, never imported), one
-    document per docstring.
+    document per docstring;
+  * the comments of the same sources (`tokenize`; consecutive comment lines form a
+    paragraph), one document per file, all in the 'comments' split: never pre-trained on,
+    they only add sentences to the GEC task (a student that sees 1,449 or 3,246 distinct
+    sentences memorises them instead of learning to rewrite; docs/COMPARE.md).
 Paragraphs are whitespace-normalised; doctest and code-like paragraphs are dropped;
 duplicate documents are dropped. Each document's split is fixed by the MD5 of its text
-mod 20: 0 -> 'validation' (~5%), 1..5 -> 'downstream' (~25%), else 'train' (~70%), so the
+mod 20: 0 -> 'validation' (~5%), 1..10 -> 'downstream' (~50%), else 'train' (~45%), so the
 split is the same on every machine with the same Python version (the stdlib text changes
 between Python releases, so the builder config is named after the Python version).
-Pre-training reads 'train' (and 'validation' for held-out loss) and never 'downstream'.
+Pre-training reads 'train' (and 'validation' for held-out loss) and never 'downstream' or
+'comments'.
 
 The downstream tasks are carved from the 'downstream' pool only, by another hash
 (`task_split_of`: MD5 of a salted key mod 10: 0 -> 'validation', 1 -> 'test', else
@@ -18,8 +23,9 @@ The downstream tasks are carved from the 'downstream' pool only, by another hash
   * `summary_examples`: body -> summary of the pool's documents with a non-empty body,
     split by the summary's hash (documents sharing a summary share a split); a summary
     that occurs anywhere in pre-training text is left out (a body may: ~7% do, verbatim);
-  * `gec_sentences`: the pool's prose sentences (`sentences.is_prose`, 6-40 words), each
-    kept once, split by its own hash, none that occurs anywhere in pre-training text;
+  * `gec_sentences`: the prose sentences (`sentences.is_prose`, 6-40 words) of the pool
+    and of the 'comments' split, each kept once, split by its own hash, none that occurs
+    anywhere in pre-training text;
     `gec_examples` corrupts them with `synthetic_errors` (GEC_TRAIN_VERSIONS corruptions
     of each train sentence, one of each validation/test sentence).
 `DownstreamSource` serves them to seqio from the TFDS build (reading it takes a second;
@@ -35,7 +41,7 @@ paragraph), 'body' (the rest, maybe empty), 'source' (module path or pydoc topic
 
 The shipped vocabulary tasks/assets/default_spm.model was made from the train split of
 version 1.0.0, before the 'downstream' pool was held out: it was learned on text that
-includes the pool, which is kept (it only tokenises; models pre-trained on 1.1.0 never see
+includes the pool, which is kept (it only tokenises; models pre-trained on 1.1.0 or later never see
 the pool's text). It was made with
     python -m ssr_jax.data.corpus --write_text /tmp/ssr_default_train.txt
     python -m ssr_jax.cli build-vocab --input /tmp/ssr_default_train.txt \
@@ -46,11 +52,13 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import os
 import random
 import re
 import sys
 import sysconfig
+import tokenize
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import seqio
@@ -60,24 +68,30 @@ import tensorflow_datasets as tfds
 from ssr_jax.data import sentences, synthetic_errors
 
 CORPUS_NAME = "ssr_default_corpus"
-CORPUS_VERSION = "1.1.0"
+CORPUS_VERSION = "1.2.0"
 _RELEASE_NOTES = {
     "1.0.0": "pydoc topics + stdlib docstrings, md5 split.",
     "1.1.0": "'downstream' split (md5 % 20 in 1..5) held out of 'train' for the downstream "
-             "tasks."}
+             "tasks.",
+    "1.2.0": "'downstream' pool doubled (md5 % 20 in 1..10) and a 'comments' split (the "
+             "stdlib's comments, for the GEC task only): the GEC task's 1,449 training "
+             "sentences were memorised rather than learnt from; its errors now scale with "
+             "sentence length (synthetic_errors.ERROR_RATE), 8 corruptions of each train "
+             "sentence."}
 # One config per Python version: the stdlib's docstrings are the data.
 CONFIG_NAME = "py{}_{}_{}".format(*sys.version_info[:3])
 TFDS_NAME = f"{CORPUS_NAME}/{CONFIG_NAME}:{CORPUS_VERSION}"
 DATA_DIR_ENV = "SSR_JAX_DATA_DIR"
 VALIDATION_MODULUS = 20  # md5(text) % 20 == 0 -> validation (~5%)
-DOWNSTREAM_RESIDUES = (1, 2, 3, 4, 5)  # md5(text) % 20 in these -> downstream (~25%)
-SPLITS = ("train", "validation", "downstream")
+DOWNSTREAM_RESIDUES = tuple(range(1, 11))  # md5(text) % 20 in these -> downstream (~50%)
+COMMENTS = "comments"  # the split of the stdlib's comments (GEC sentences only)
+SPLITS = ("train", "validation", "downstream", COMMENTS)
 PRETRAINING_SPLITS = ("train", "validation")
 TASK_SPLITS = ("train", "validation", "test")
 TASK_SPLIT_MODULUS = 10  # md5(salted key) % 10: 0 -> validation, 1 -> test, else train
 GEC_MIN_WORDS, GEC_MAX_WORDS = 6, 40
 GEC_SEED = 0
-GEC_TRAIN_VERSIONS = 4  # corruptions of each train sentence (validation/test: one)
+GEC_TRAIN_VERSIONS = 8  # corruptions of each train sentence (validation/test: one)
 DOWNSTREAM_TASKS = ("summary", "gec")
 
 # Directories of the stdlib that hold tests, vendored or generated text, or tooling.
@@ -141,6 +155,40 @@ def _docstring_documents(stdlib: str) -> Iterator[Tuple[str, List[str]]]:
                 yield rel, _paragraphs(doc)
 
 
+def _comment_paragraphs(source: str) -> List[str]:
+    """Paragraphs of the comments of python `source`: runs of whole-line comments on
+    consecutive lines ('#' and surrounding space stripped), whitespace-normalised; an empty
+    comment line ends a paragraph; comments after code (mostly fragments) are left out.
+    Raises tokenize.TokenError / SyntaxError on a file that does not tokenize."""
+    paragraphs, current, last_line = [], [], None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT or not tok.line.lstrip().startswith("#"):
+            continue
+        text = tok.string.lstrip("#").strip()
+        if not (text and current and tok.start[0] == last_line + 1):
+            if current:
+                paragraphs.append(" ".join(" ".join(current).split()))
+            current = []
+        if text:
+            current.append(text)
+        last_line = tok.start[0]
+    if current:
+        paragraphs.append(" ".join(" ".join(current).split()))
+    return paragraphs
+
+
+def _comment_documents(stdlib: str) -> Iterator[Tuple[str, List[str]]]:
+    for path in _stdlib_files(stdlib):
+        rel = os.path.relpath(path, stdlib)
+        try:
+            with open(path, "rb") as f:
+                paragraphs = _comment_paragraphs(f.read().decode("utf-8"))
+        except (SyntaxError, tokenize.TokenError, UnicodeDecodeError, OSError):
+            continue
+        yield f"comments:{rel}", [p for p in paragraphs if len(p) >= _MIN_PARAGRAPH_CHARS
+                                  and sum(map(str.isalpha, p)) > len(p) // 2]
+
+
 def _pydoc_documents(stdlib: str) -> Iterator[Tuple[str, List[str]]]:
     path = os.path.join(stdlib, "pydoc_data", "topics.py")
     if not os.path.isfile(path):
@@ -169,7 +217,8 @@ def split_of(text: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def corpus_documents(stdlib: Optional[str] = None) -> Dict[str, List[Dict[str, str]]]:
-    """All documents by split, in a fixed order: {'train', 'validation', 'downstream'}.
+    """All documents by split, in a fixed order: {'train', 'validation', 'downstream',
+    'comments'} (a comment document has no summary or body).
 
     Each document is {'text', 'summary', 'body', 'source'}; identical texts are kept once.
     Cached per process (parsing the stdlib takes seconds); treat the result as read-only.
@@ -177,7 +226,7 @@ def corpus_documents(stdlib: Optional[str] = None) -> Dict[str, List[Dict[str, s
     stdlib = stdlib or sysconfig.get_paths()["stdlib"]
     out = {split: [] for split in SPLITS}
     seen = set()
-    for gen in (_pydoc_documents, _docstring_documents):
+    for gen in (_pydoc_documents, _docstring_documents, _comment_documents):
         for source, paras in gen(stdlib):
             if not paras:
                 continue
@@ -185,8 +234,12 @@ def corpus_documents(stdlib: Optional[str] = None) -> Dict[str, List[Dict[str, s
             if text in seen:
                 continue
             seen.add(text)
-            out[split_of(text)].append({"text": text, "summary": paras[0],
-                                        "body": "\n".join(paras[1:]), "source": source})
+            if gen is _comment_documents:
+                out[COMMENTS].append({"text": text, "summary": "", "body": "",
+                                      "source": source})
+            else:
+                out[split_of(text)].append({"text": text, "summary": paras[0],
+                                            "body": "\n".join(paras[1:]), "source": source})
     return out
 
 
@@ -320,12 +373,13 @@ def summary_examples(docs: Dict[str, List[Dict[str, str]]]) -> Dict[str, List[Di
 
 def gec_sentences(docs: Dict[str, List[Dict[str, str]]], min_words: int = GEC_MIN_WORDS,
                   max_words: int = GEC_MAX_WORDS) -> Dict[str, List[str]]:
-    """{split: [clean sentence]}: the pool's prose sentences, each once, none that occurs
-    anywhere in pre-training text, split by the sentence's hash."""
+    """{split: [clean sentence]}: the prose sentences of the pool and of the comments, each
+    once, none that occurs anywhere in pre-training text, split by the sentence's hash."""
     pretraining = _pretraining_text(docs)
     seen = set()
     out = {split: [] for split in TASK_SPLITS}
-    for doc in _pool(docs):
+    comments = sorted(docs[COMMENTS], key=lambda d: (_md5(d["text"]), d["text"]))
+    for doc in _pool(docs) + comments:
         for sentence in sentences.split(doc["text"]):
             if (sentence not in seen and sentences.is_prose(sentence, min_words, max_words)
                     and sentence not in pretraining):
