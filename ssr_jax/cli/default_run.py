@@ -36,8 +36,9 @@ def _parse(argv: List[str]) -> argparse.Namespace:
                         help="span-corruption steps of the shared student init (default: 200)")
     parser.add_argument("--student_steps", type=int, default=200,
                         help="steps of each arm from the init (default: 200)")
-    parser.add_argument("--finetune_steps", type=int, default=600,
-                        help="fine-tuning steps on the downstream task (default: 600)")
+    parser.add_argument("--finetune_steps", type=int, default=1200,
+                        help="fine-tuning steps on the downstream task (default: 1200; "
+                             "the students start copying GEC sentences after ~600)")
     parser.add_argument("--eval_batches", type=int, default=8,
                         help="held-out batches of 16 examples for each evaluation")
     parser.add_argument("--gin", action="append", default=[], metavar="X=Y",
