@@ -5,8 +5,8 @@ Documents come from three places, all read as files (nothing is imported or exec
     read with `ast.literal_eval` of its `topics` dict;
   * the docstrings of the standard-library sources (`ast.parse`, never imported), one
     document per docstring;
-  * the comments of the same sources (`tokenize`; consecutive comment lines form a
-    paragraph), one document per file, all in the 'comments' split: never pre-trained on,
+  * the comments of the same sources (`tokenize`; whole-line comments on consecutive lines
+    form a paragraph), one document per file, all in the 'comments' split: never pre-trained on,
     they only add sentences to the GEC task (a student that sees 1,449 or 3,246 distinct
     sentences memorises them instead of learning to rewrite; docs/COMPARE.md).
 Paragraphs are whitespace-normalised; doctest and code-like paragraphs are dropped;
@@ -41,8 +41,8 @@ paragraph), 'body' (the rest, maybe empty), 'source' (module path or pydoc topic
 
 The shipped vocabulary tasks/assets/default_spm.model was made from the train split of
 version 1.0.0, before the 'downstream' pool was held out: it was learned on text that
-includes the pool, which is kept (it only tokenises; models pre-trained on 1.1.0 or later never see
-the pool's text). It was made with
+includes the pool, which is kept (it only tokenises; models pre-trained on 1.1.0 or later
+never see the pool's text). It was made with
     python -m ssr_jax.data.corpus --write_text /tmp/ssr_default_train.txt
     python -m ssr_jax.cli build-vocab --input /tmp/ssr_default_train.txt \
         --model_prefix tasks/assets/default_spm --vocab_size 4000
@@ -164,17 +164,14 @@ def _comment_paragraphs(source: str) -> List[str]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT or not tok.line.lstrip().startswith("#"):
             continue
-        text = tok.string.lstrip("#").strip()
-        if not (text and current and tok.start[0] == last_line + 1):
-            if current:
-                paragraphs.append(" ".join(" ".join(current).split()))
+        words = tok.string.lstrip("#").split()
+        if not (words and current and tok.start[0] == last_line + 1):
+            paragraphs.append(" ".join(current))
             current = []
-        if text:
-            current.append(text)
+        current.extend(words)
         last_line = tok.start[0]
-    if current:
-        paragraphs.append(" ".join(" ".join(current).split()))
-    return paragraphs
+    paragraphs.append(" ".join(current))
+    return [p for p in paragraphs if p]
 
 
 def _comment_documents(stdlib: str) -> Iterator[Tuple[str, List[str]]]:
@@ -336,7 +333,11 @@ def task_split_of(key: str) -> str:
 
 def _pool(docs: Dict[str, List[Dict[str, str]]]) -> List[Dict[str, str]]:
     """The pool in a canonical order (by MD5 of the text), however the documents were read."""
-    return sorted(docs["downstream"], key=lambda d: (_md5(d["text"]), d["text"]))
+    return _canonical(docs["downstream"])
+
+
+def _canonical(items: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    return sorted(items, key=lambda d: (_md5(d["text"]), d["text"]))
 
 
 class _TextIndex:
@@ -378,8 +379,7 @@ def gec_sentences(docs: Dict[str, List[Dict[str, str]]], min_words: int = GEC_MI
     pretraining = _pretraining_text(docs)
     seen = set()
     out = {split: [] for split in TASK_SPLITS}
-    comments = sorted(docs[COMMENTS], key=lambda d: (_md5(d["text"]), d["text"]))
-    for doc in _pool(docs) + comments:
+    for doc in _pool(docs) + _canonical(docs[COMMENTS]):
         for sentence in sentences.split(doc["text"]):
             if (sentence not in seen and sentences.is_prose(sentence, min_words, max_words)
                     and sentence not in pretraining):

@@ -264,15 +264,14 @@ def error_count(num_words: int, rng: random.Random, rate: float = ERROR_RATE) ->
 
 
 def corrupt(sentence: str, seed: int = 0, version: int = 0,
-            kinds: Sequence[str] = KINDS, num_errors: Optional[int] = None,
-            rate: float = ERROR_RATE) -> Corruption:
-    """`sentence` with seeded errors (`error_count` at `rate`, or exactly `num_errors`; fewer
+            kinds: Sequence[str] = KINDS, num_errors: Optional[int] = None) -> Corruption:
+    """`sentence` with seeded errors (`error_count` of them, or exactly `num_errors`; fewer
     when no kind applies any more); target: the sentence itself. Version v gives another
     corruption of the same sentence (a training copy)."""
     rng = rng_for(sentence, seed, version)
     tokens = sentence.split()
     touched = [False] * len(tokens)
-    count = num_errors or error_count(len(tokens), rng, rate)
+    count = num_errors or error_count(len(tokens), rng)
     edits = []
     for _ in range(count):
         for kind in rng.sample(kinds, len(kinds)):  # the kinds that apply, equally likely
