@@ -313,7 +313,9 @@ class Stages:
                   "lengths": lengths, "validation_batches": spec.validation_batches,
                   "test_batches": spec.test_batches, "decode_batch": spec.decode_batch_size,
                   "no_repeat_ngram_size": spec.no_repeat_ngram_size,
-                  "decode": spec.decode_description(),
+                  "decode_method": spec.decode_method,
+                  **({"num_beams": spec.num_beams, "brevity_alpha": spec.brevity_alpha}
+                     if spec.decode_method == "beam" else {}),
                   "bindings": self._common()}
         done = self._done(name, inputs)
         if done is not None:
