@@ -260,6 +260,21 @@ def test_data_seeds_of_distinct_initial_steps_are_distinct():
     assert trainer.data_seed(3, 0) == trainer.data_seed(3, 100, replay=True) == 3
 
 
+def test_linear_schedule_counts_its_warmup_and_decay_from_start_step():
+    """A fine-tuning run from a checkpoint at step S sees steps S, S+1, ...: start_step=S
+    gives it the schedule a run from step 0 would have."""
+    plain = optimizers.linear_schedule(0.05, warmup_steps=4, decay_steps=20)
+    shifted = optimizers.linear_schedule(0.05, warmup_steps=4, decay_steps=20, start_step=600)
+    for k in (0, 3, 4, 14, 23, 24, 30):
+        assert float(shifted(600 + k)) == pytest.approx(float(plain(k)))
+    # by hand: warmup (k + 1) / 4 of the rate, then 0.05 * (1 - (k - 4) / 20)
+    assert float(shifted(601)) == pytest.approx(0.05 * 2 / 4)
+    assert float(shifted(614)) == pytest.approx(0.05 * (1 - 10 / 20))
+    assert float(shifted(624)) == 0.0
+    with pytest.raises(ValueError, match="start_step=-1"):
+        optimizers.linear_schedule(start_step=-1)
+
+
 def test_run_spec_refuses_a_non_boolean_field():
     base = dict(model=None, model_dir="/tmp/x", train_dataset=None, train_steps=1,
                 optimizer=None, partitioner=None)

@@ -131,6 +131,26 @@ def test_a_stage_done_with_other_settings_is_refused(tmp_path):
         stages._done("init", {"steps": 4})  # pylint: disable=protected-access
 
 
+def test_the_finetuning_recipe_decays_to_zero_over_the_finetunings_own_steps(tmp_path):
+    """The step travels with the params (an arm at step 600 fine-tunes from 600 to 3000);
+    gin/compare/finetune.gin with the bindings compare passes decays 5e-2 -> 0 over those
+    2400 steps, not over 0..3000."""
+    from ssr_jax.cli import flags as flags_lib  # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli import gin_registry  # pylint: disable=import-outside-toplevel
+    spec = CompareSpec(out_dir=str(tmp_path), tasks=(GEC,), finetune_steps=2400,
+                       task_lengths={GEC: {"inputs": 8, "targets": 8}})
+    bindings = compare_stages.Stages(spec).finetune_bindings(
+            GEC, {"dir": "/ckpt/arm", "step": 600}, 1, str(tmp_path / "ft"))
+    gin_registry.setup(flags_lib.parse_flags([f"--gin_file={spec.finetune_gin}"]
+                                             + [f"--gin.{b}" for b in bindings]))
+    assert gin_registry.query_macro("TRAIN_STEPS") == 3000
+    assert gin_registry.query_macro("SEED") == 1
+    rate = gin_registry.call("linear_schedule")
+    base = 5e-2
+    for step, want in ((600, base), (1800, base / 2), (2999, base / 2400), (3000, 0.0)):
+        assert float(rate(step)) == pytest.approx(want, rel=1e-3, abs=1e-9), step  # float32
+
+
 def test_a_task_without_a_test_split_falls_back_to_validation_with_a_warning(capsys):
     assert compare_stages.test_split(GEC, "tasks") == "test"
     assert "WARNING" not in capsys.readouterr().out

@@ -13,7 +13,9 @@ does SSR help? One command, every stage through the normal trainer, resumable st
      baseline), online SSR, optionally SSR mixed with span corruption and SSR with the
      curriculum; each is evaluated on the same held-out span-corruption examples, and the SSR
      arms' teacher cost (FLOPs and seconds) is recorded;
-  4. downstream: every arm fine-tuned on every task with one recipe and each seed; the
+  4. downstream: every arm fine-tuned on every task with one recipe (`finetune_gin`; its
+     schedule can count the fine-tuning's own steps from FINETUNE_START_STEP over
+     FINETUNE_STEPS, as compare/finetune.gin's decay does) and each seed; the
      checkpoint kept is the one with the best decoded validation metric (T5X's infer-eval:
      the validation split decoded at every saved step, greedily or by beam search as
      `decode_method` says), then the test split (validation, with a warning, when the task

@@ -54,6 +54,8 @@ class CompareSpec:
     tasks: Tuple[str, ...] = ("ssr_default_gec", "ssr_default_docstring_summary")
     task_lengths: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     primary_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The recipe gets MODEL_DIR, INITIAL_CHECKPOINT_PATH, TRAIN_STEPS (the arm's step + the
+    # task's steps), FINETUNE_START_STEP, FINETUNE_STEPS, the task, lengths and SEED.
     finetune_gin: str = "compare/finetune.gin"
     finetune_steps: int = 600
     task_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per-task override

@@ -324,15 +324,25 @@ class Stages:
         total = int(arm_info["step"]) + spec.steps_of(task)
         print(f"== fine-tune {arm} on {task}, seed {seed}: steps {arm_info['step']} -> {total}",
               flush=True)
-        seconds = _train([spec.finetune_gin], [
-                f"MODEL_DIR={_q(directory)}", f"INITIAL_CHECKPOINT_PATH={_q(arm_info['dir'])}",
-                f"TRAIN_STEPS={total}", f"MIXTURE_OR_TASK_NAME={_q(task)}",
-                f"MIXTURE_OR_TASK_MODULE={_q(spec.module)}", f"TASK_FEATURE_LENGTHS={lengths}",
-                f"SEED={seed}", f"CheckpointConfig.save_every={spec.select_every}",
-                "CheckpointConfig.keep=None"] + self._common())
+        seconds = _train([spec.finetune_gin],
+                         self.finetune_bindings(task, arm_info, seed, directory))
         selection = self._select(task, directory, lengths, int(arm_info["step"]))
         result = {"dir": directory, "seconds": seconds, **selection}
         return self._finish(name, inputs, result)
+
+    def finetune_bindings(self, task: str, arm_info: Mapping[str, Any], seed: int,
+                          directory: str) -> List[str]:
+        """The fine-tuning run's gin bindings. TRAIN_STEPS counts from step 0 (the step
+        travels with the params); FINETUNE_START_STEP and FINETUNE_STEPS let the recipe's
+        schedule count the fine-tuning's own steps (compare/finetune.gin decays over them)."""
+        spec, start = self.spec, int(arm_info["step"])
+        return [f"MODEL_DIR={_q(directory)}", f"INITIAL_CHECKPOINT_PATH={_q(arm_info['dir'])}",
+                f"TRAIN_STEPS={start + spec.steps_of(task)}", f"MIXTURE_OR_TASK_NAME={_q(task)}",
+                f"MIXTURE_OR_TASK_MODULE={_q(spec.module)}",
+                f"TASK_FEATURE_LENGTHS={dict(spec.task_lengths[task])}", f"SEED={seed}",
+                f"FINETUNE_START_STEP={start}", f"FINETUNE_STEPS={spec.steps_of(task)}",
+                f"CheckpointConfig.save_every={spec.select_every}",
+                "CheckpointConfig.keep=None"] + self._common()
 
     def _select(self, task: str, directory: str, lengths: Mapping[str, int],
                 start_step: int) -> Dict[str, Any]:

@@ -93,12 +93,20 @@ def constant_schedule(base_learning_rate: float = 1e-3, warmup_steps: int = 0) -
 
 
 def linear_schedule(base_learning_rate: float = 1e-3, warmup_steps: int = 0,
-                    decay_steps: int = 0, end_learning_rate: float = 0.0) -> Schedule:
+                    decay_steps: int = 0, end_learning_rate: float = 0.0,
+                    start_step: int = 0) -> Schedule:
     """Linear warmup from 0 to base over warmup_steps, then linear decay to
-    end_learning_rate over decay_steps (0 = stay at base)."""
+    end_learning_rate over decay_steps (0 = stay at base), both counted from start_step.
+
+    The step travels with the params, so a fine-tuning run from a checkpoint at step S sees
+    steps S, S+1, ...; start_step=S makes its warmup and decay count its own steps (a decay
+    to 0 over N fine-tuning steps: start_step=S, decay_steps=N, TRAIN_STEPS=S+N)."""
+    if start_step < 0 or warmup_steps < 0 or decay_steps < 0:
+        raise ValueError(f"linear_schedule: start_step={start_step}, warmup_steps="
+                         f"{warmup_steps} and decay_steps={decay_steps} must be >= 0.")
 
     def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
+        step = jnp.maximum(jnp.asarray(step, jnp.float32) - start_step, 0.0)
         warm = jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1)) if warmup_steps else 1.0
         if decay_steps > 0:
             frac = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
