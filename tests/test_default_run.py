@@ -151,6 +151,25 @@ def test_the_finetuning_recipe_decays_to_zero_over_the_finetunings_own_steps(tmp
         assert float(rate(step)) == pytest.approx(want, rel=1e-3, abs=1e-9), step  # float32
 
 
+def test_a_recipe_of_ones_own_may_ignore_the_offered_finetuning_macros(tmp_path, capsys):
+    """compare passes FINETUNE_START_STEP / FINETUNE_STEPS to every fine-tuning; a recipe at a
+    constant rate (gin/runs/finetune.gin) ignores them without a warning, while a typo of a
+    macro it does use still warns."""
+    from ssr_jax.cli import flags as flags_lib  # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli import gin_registry  # pylint: disable=import-outside-toplevel
+    spec = CompareSpec(out_dir=str(tmp_path), tasks=(GEC,), finetune_gin="runs/finetune.gin",
+                       task_lengths={GEC: {"inputs": 8, "targets": 8}})
+    bindings = compare_stages.Stages(spec).finetune_bindings(
+            GEC, {"dir": "/ckpt/arm", "step": 600}, 0, str(tmp_path / "ft"))
+    capsys.readouterr()
+    gin_registry.setup(flags_lib.parse_flags([f"--gin_file={spec.finetune_gin}"]
+                                             + [f"--gin.{b}" for b in bindings]
+                                             + ["--gin.DROPOUT_RAT=0.0"]))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["ssr-jax: warning: --gin.DROPOUT_RAT=0.0 is not used by any binding (did "
+                   "you mean DROPOUT_RATE?)"]
+
+
 def test_a_task_without_a_test_split_falls_back_to_validation_with_a_warning(capsys):
     assert compare_stages.test_split(GEC, "tasks") == "test"
     assert "WARNING" not in capsys.readouterr().out

@@ -240,6 +240,11 @@ def _referenced_macros() -> Set[str]:
 WARNED_ENV = "SSR_JAX_GIN_WARNED"
 
 
+# Offered to every fine-tuning recipe by `ssr-jax compare` (the fine-tuning's first step and
+# length, for a schedule over its own steps); a recipe that does not need them ignores them.
+OFFERED_MACROS = frozenset({"FINETUNE_START_STEP", "FINETUNE_STEPS"})
+
+
 def _warn_unused_macros(bindings: Sequence[str]) -> None:
     """gin silently ignores a macro nothing refers to: `--gin.TRAIN_STEP=10` (a typo of
     TRAIN_STEPS) would train with the file's value. One warning line each."""
@@ -249,7 +254,7 @@ def _warn_unused_macros(bindings: Sequence[str]) -> None:
     defined = {scope for (scope, selector) in config if selector == "gin.macro"}
     used = _referenced_macros()
     for name, flag in _macro_bindings(bindings).items():
-        if name not in defined or name in used:
+        if name not in defined or name in used or name in OFFERED_MACROS:
             continue
         close = difflib.get_close_matches(name, sorted((used | defined) - {name}), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
