@@ -170,6 +170,19 @@ def test_a_recipe_of_ones_own_may_ignore_the_offered_finetuning_macros(tmp_path,
                    "you mean DROPOUT_RATE?)"]
 
 
+def test_a_stage_keys_on_its_gin_files_text_includes_too(tmp_path, monkeypatch):
+    """A recipe edited in place (here: a file it includes) is not 'done before'."""
+    (tmp_path / "base.gin").write_text("X = 1\n")
+    (tmp_path / "recipe.gin").write_text("include 'base.gin'\nY = 2\n")
+    monkeypatch.chdir(tmp_path)
+    before = compare_stages.gin_digest("recipe.gin")
+    assert compare_stages.gin_digest("recipe.gin") == before
+    (tmp_path / "base.gin").write_text("X = 3\n")
+    assert compare_stages.gin_digest("recipe.gin") != before
+    assert compare_stages.gin_digest("compare/finetune.gin") != compare_stages.gin_digest(
+            "runs/finetune.gin")  # found on the search path; the includer differs
+
+
 def test_a_task_without_a_test_split_falls_back_to_validation_with_a_warning(capsys):
     assert compare_stages.test_split(GEC, "tasks") == "test"
     assert "WARNING" not in capsys.readouterr().out

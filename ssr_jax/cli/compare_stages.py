@@ -2,6 +2,7 @@
 is MODEL_DIR/stages/<name>.json, written when the stage is done; a rerun reads it instead of
 running the stage again, and refuses one recorded with other settings (use another
 MODEL_DIR or delete the stage's record and directory)."""
+import hashlib
 import json
 import math
 import os
@@ -84,6 +85,19 @@ def _ssr_summary(model_dir: str) -> Dict[str, float]:
         return json.load(f)
 
 
+def gin_digest(path: str) -> str:
+    """sha256 (16 hex digits) of a gin file's text and its includes': a stage's record holds
+    it, so a recipe edited in place is not taken as done before."""
+    # pylint: disable=import-outside-toplevel
+    from ssr_jax.cli import gin_registry
+    from ssr_jax.cli.help import gin_file_closure
+    digest = hashlib.sha256()
+    for found in gin_file_closure(path, gin_registry.search_paths()):
+        with open(found, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 class Stages:
     """The stages, sharing the spec and the per-stage records."""
 
@@ -134,6 +148,7 @@ class Stages:
     def teacher(self) -> Dict[str, Any]:
         spec = self.spec
         inputs = {"checkpoint": spec.teacher_checkpoint, "gin": spec.teacher_gin,
+                  "gin_sha": gin_digest(spec.teacher_gin),
                   "steps": spec.teacher_steps, "extra": spec.teacher_extra_steps,
                   "max": spec.teacher_max_steps, "target": spec.min_valid_fills,
                   "examples": spec.fill_check_examples, "bindings": self._span_corruption(),
@@ -197,6 +212,7 @@ class Stages:
     def init(self) -> Dict[str, Any]:
         spec = self.spec
         inputs = {"checkpoint": spec.init_checkpoint, "gin": spec.init_gin,
+                  "gin_sha": gin_digest(spec.init_gin),
                   "steps": spec.init_steps, "bindings": self._span_corruption()}
         done = self._done("init", inputs)
         if done is not None:
@@ -236,7 +252,8 @@ class Stages:
         spec = self.spec
         total = int(init["step"]) + spec.arm_steps
         ssr = arm in spec.ssr_arms
-        inputs = {"file": ARM_FILES[arm], "init": init["dir"], "init_step": init["step"],
+        inputs = {"file": ARM_FILES[arm], "gin_sha": gin_digest(ARM_FILES[arm]),
+                  "init": init["dir"], "init_step": init["step"],
                   "steps": spec.arm_steps, "teacher": teacher["dir"] if ssr else None,
                   "examples_per_row": spec.ssr_examples_per_row if ssr else None,
                   "tasks": [spec.pretrain_task, spec.ssr_task if ssr else None],
@@ -308,7 +325,8 @@ class Stages:
         spec = self.spec
         lengths = dict(spec.task_lengths[task])
         name = f"finetune/{task}/{arm}/seed{seed}"
-        inputs = {"gin": spec.finetune_gin, "from": arm_info["dir"], "from_step": arm_info["step"],
+        inputs = {"gin": spec.finetune_gin, "gin_sha": gin_digest(spec.finetune_gin),
+                  "from": arm_info["dir"], "from_step": arm_info["step"],
                   "steps": spec.steps_of(task), "select_every": spec.select_every,
                   "lengths": lengths, "validation_batches": spec.validation_batches,
                   "test_batches": spec.test_batches, "decode_batch": spec.decode_batch_size,

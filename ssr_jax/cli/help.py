@@ -146,14 +146,36 @@ def run_file_macros(path: str, search: Sequence[str], seen=None) -> Dict[str, Tu
         text = f.read()
     macros: Dict[str, Tuple[str, str]] = {}
     for statement, comment in _statements(text):
-        inc = re.match(r"include\s+['\"](.+)['\"]$", statement)
+        inc = _included(statement)
         if inc:
-            macros.update(run_file_macros(inc.group(1), search, seen))
+            macros.update(run_file_macros(inc, search, seen))
             continue
         m = re.match(r"([A-Z][A-Z0-9_]*)\s*=\s*(.+)$", statement)
         if m:
             macros[m.group(1)] = (_compact(m.group(2)), comment)
     return macros
+
+
+def gin_file_closure(path: str, search: Sequence[str], seen=None) -> List[str]:
+    """The resolved paths of the gin file `path` and, depth first, of every file it includes
+    (a file not found is left out: running the command says so)."""
+    seen = [] if seen is None else seen
+    found = _resolve(path, search)
+    if found is None or found in seen:
+        return seen
+    seen.append(found)
+    with open(found) as f:
+        for statement, _ in _statements(f.read()):
+            inc = _included(statement)
+            if inc:
+                gin_file_closure(inc, search, seen)
+    return seen
+
+
+def _included(statement: str):
+    """The path of an `include '...'` statement, else None."""
+    m = re.match(r"include\s+['\"](.+)['\"]$", statement)
+    return m.group(1) if m else None
 
 
 def _resolve(path: str, search: Sequence[str]):
