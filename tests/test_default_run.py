@@ -175,10 +175,17 @@ def test_a_stage_keys_on_its_gin_files_text_includes_too(tmp_path, monkeypatch):
     (tmp_path / "base.gin").write_text("X = 1\n")
     (tmp_path / "recipe.gin").write_text("include 'base.gin'\nY = 2\n")
     monkeypatch.chdir(tmp_path)
+    stages = compare_stages.Stages(CompareSpec(out_dir=str(tmp_path / "out"), tasks=(GEC,),
+                                               task_lengths={GEC: {"inputs": 8, "targets": 8}}))
     before = compare_stages.gin_digest("recipe.gin")
     assert compare_stages.gin_digest("recipe.gin") == before
+    # pylint: disable=protected-access
+    stages._finish("init", {**stages.recipe("recipe.gin"), "steps": 3}, {"dir": "x"})
+    assert stages._done("init", {**stages.recipe("recipe.gin"), "steps": 3}) == {"dir": "x"}
     (tmp_path / "base.gin").write_text("X = 3\n")
     assert compare_stages.gin_digest("recipe.gin") != before
+    with pytest.raises(UserError, match="was done with other settings"):
+        stages._done("init", {**stages.recipe("recipe.gin"), "steps": 3})
     assert compare_stages.gin_digest("compare/finetune.gin") != compare_stages.gin_digest(
             "runs/finetune.gin")  # found on the search path; the includer differs
 

@@ -131,6 +131,12 @@ class Stages:
         os.replace(path + ".tmp", path)
         return result
 
+    @staticmethod
+    def recipe(gin_file: str) -> Dict[str, str]:
+        """The part of a stage's record that names its gin file and what the file (with its
+        includes) says."""
+        return {"gin": gin_file, "gin_sha": gin_digest(gin_file)}
+
     def _common(self) -> List[str]:
         return list(self.spec.bindings)
 
@@ -147,8 +153,7 @@ class Stages:
     # --- 1. teacher ----------------------------------------------------------------------
     def teacher(self) -> Dict[str, Any]:
         spec = self.spec
-        inputs = {"checkpoint": spec.teacher_checkpoint, "gin": spec.teacher_gin,
-                  "gin_sha": gin_digest(spec.teacher_gin),
+        inputs = {**self.recipe(spec.teacher_gin), "checkpoint": spec.teacher_checkpoint,
                   "steps": spec.teacher_steps, "extra": spec.teacher_extra_steps,
                   "max": spec.teacher_max_steps, "target": spec.min_valid_fills,
                   "examples": spec.fill_check_examples, "bindings": self._span_corruption(),
@@ -211,8 +216,7 @@ class Stages:
     # --- 2. shared init --------------------------------------------------------------------
     def init(self) -> Dict[str, Any]:
         spec = self.spec
-        inputs = {"checkpoint": spec.init_checkpoint, "gin": spec.init_gin,
-                  "gin_sha": gin_digest(spec.init_gin),
+        inputs = {**self.recipe(spec.init_gin), "checkpoint": spec.init_checkpoint,
                   "steps": spec.init_steps, "bindings": self._span_corruption()}
         done = self._done("init", inputs)
         if done is not None:
@@ -252,8 +256,7 @@ class Stages:
         spec = self.spec
         total = int(init["step"]) + spec.arm_steps
         ssr = arm in spec.ssr_arms
-        inputs = {"file": ARM_FILES[arm], "gin_sha": gin_digest(ARM_FILES[arm]),
-                  "init": init["dir"], "init_step": init["step"],
+        inputs = {**self.recipe(ARM_FILES[arm]), "init": init["dir"], "init_step": init["step"],
                   "steps": spec.arm_steps, "teacher": teacher["dir"] if ssr else None,
                   "examples_per_row": spec.ssr_examples_per_row if ssr else None,
                   "tasks": [spec.pretrain_task, spec.ssr_task if ssr else None],
@@ -325,8 +328,8 @@ class Stages:
         spec = self.spec
         lengths = dict(spec.task_lengths[task])
         name = f"finetune/{task}/{arm}/seed{seed}"
-        inputs = {"gin": spec.finetune_gin, "gin_sha": gin_digest(spec.finetune_gin),
-                  "from": arm_info["dir"], "from_step": arm_info["step"],
+        inputs = {**self.recipe(spec.finetune_gin), "from": arm_info["dir"],
+                  "from_step": arm_info["step"],
                   "steps": spec.steps_of(task), "select_every": spec.select_every,
                   "lengths": lengths, "validation_batches": spec.validation_batches,
                   "test_batches": spec.test_batches, "decode_batch": spec.decode_batch_size,
